@@ -1,0 +1,269 @@
+"""The networks every method shares: a small DiT for images and an MLP for vectors.
+
+Both are called as `net(x_t, t, s, y, c=None) -> u`: the average velocity from time t to time
+s <= t (METHODS.md section 0). They embed t and h = t - s with two sinusoidal embedders, the
+class label y (id `num_classes` is the null class used for guidance dropout; unconditional data
+has num_classes = 0 and always passes y = 0), and `n_cond` optional extra scalars c [B, n_cond]
+(a guidance scale, a guidance interval, ...). The output layer is zero-initialized (adaLN-zero).
+
+Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode rule, so
+`torch.func.jvp` through the DiT works (PyTorch's fused attention has none: ../KERNEL.md).
+
+`save`/`load` use safetensors with the network config in the metadata, so a checkpoint rebuilds
+its own network; `save_state`/`load_state` store a nested training state (optimizer, RNG
+states) the same way. Writes are atomic (temporary file + os.replace).
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels.attention_jvp import sdpa
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of a scalar in [0, 1], unscaled (frequencies <= 1) as in the official
+    MeanFlow DiT: a 1000x scale (DDPM DiT) makes d/dt of the network, and so every JVP target,
+    needlessly large."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """Embeds a [B] scalar (t, h or an extra condition) into a [B, hidden] vector."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class Conditioning(nn.Module):
+    """Sum of the t, h = t - s, class and extra-condition embeddings (shared by DiT and MLP)."""
+
+    def __init__(self, hidden, num_classes, n_cond):
+        super().__init__()
+        self.t_embed, self.h_embed = ScalarEmbedder(hidden), ScalarEmbedder(hidden)
+        self.y_embed = nn.Embedding(num_classes + 1, hidden)  # last id = null class
+        self.c_embed = nn.ModuleList(ScalarEmbedder(hidden) for _ in range(n_cond))
+
+    def forward(self, t, s, y, c):
+        emb = self.t_embed(t) + self.h_embed(t - s) + self.y_embed(y)
+        if len(self.c_embed):
+            if c is None or c.shape[-1] != len(self.c_embed):
+                raise ValueError(f"network expects c of shape [B, {len(self.c_embed)}], got {None if c is None else tuple(c.shape)}")
+            emb = emb + sum(m(c[:, i]) for i, m in enumerate(self.c_embed))
+        return emb
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-zero conditioning; attention through sdpa (JVP-capable)."""
+
+    def __init__(self, hidden, heads, mlp_ratio, qk_norm, dropout):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        head_dim = hidden // heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"),
+                                 nn.Dropout(dropout), nn.Linear(int(hidden * mlp_ratio), hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, emb):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(emb).chunk(6, dim=-1)
+        B, N, C = x.shape
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = sdpa(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(B, N, C)
+        x = x + g1[:, None] * self.drop(self.proj(a))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+def pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos position embedding, [grid*grid, dim]."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    out = [f(g.reshape(-1, 1) * omega) for g in (gy, gx) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1).float()
+
+
+class DiT(nn.Module):
+    """A small Diffusion Transformer (Peebles & Xie 2023) conditioned on (t, h, y, c)."""
+
+    def __init__(self, input_size=28, patch_size=4, in_channels=1, hidden=128, depth=4, heads=4, mlp_ratio=4.0,
+                 num_classes=10, n_cond=0, qk_norm=False, dropout=0.0):
+        super().__init__()
+        if input_size % patch_size or hidden % heads or (hidden // heads) % 2 or hidden % 4:
+            raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size}, "
+                             f"hidden {hidden} by 4 and by heads {heads} (even head dim)")
+        self.config = dict(kind="dit", input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+                           n_cond=n_cond, qk_norm=qk_norm, dropout=dropout)
+        self.p, self.c, self.grid = patch_size, in_channels, input_size // patch_size
+        self.patch = nn.Conv2d(in_channels, hidden, patch_size, patch_size)
+        self.register_buffer("pos", pos_embed_2d(hidden, self.grid)[None], persistent=False)
+        self.cond = Conditioning(hidden, num_classes, n_cond)
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, qk_norm, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.out = nn.Linear(hidden, patch_size * patch_size * in_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in [self.cond.t_embed, self.cond.h_embed, *self.cond.c_embed]:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.cond.y_embed.weight, std=0.02)
+        for m in [*(b.ada[-1] for b in self.blocks), self.ada[-1], self.out]:  # adaLN-zero
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, s, y, c=None):
+        B = x.shape[0]
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        emb = self.cond(t, s, y, c)
+        for block in self.blocks:
+            h = block(h, emb)
+        shift, scale = self.ada(emb).chunk(2, dim=-1)
+        h = self.out(modulate(self.norm(h), shift, scale))
+        h = h.reshape(B, self.grid, self.grid, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(B, self.c, self.grid * self.p, self.grid * self.p)
+
+
+class MLP(nn.Module):
+    """Residual MLP for vector data, same call signature and conditioning as the DiT."""
+
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0):
+        super().__init__()
+        self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, n_cond=n_cond,
+                           dropout=dropout)
+        self.inp = nn.Linear(dim, hidden)
+        self.cond = Conditioning(hidden, num_classes, n_cond)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout),
+                          nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def forward(self, x, t, s, y, c=None):
+        emb = self.cond(t, s, y, c)
+        h = self.inp(x) + emb
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+def build(config):
+    """Rebuilds a network from its config dict (as stored in a checkpoint)."""
+    config = dict(config)
+    kind = config.pop("kind")
+    return {"dit": DiT, "mlp": MLP}[kind](**config)
+
+
+def _atomic_save(tensors, metadata, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save(net, path, **meta):
+    """Writes the weights and the config (plus any extra string-able metadata) atomically."""
+    net = getattr(net, "module", net)
+    _atomic_save(net.state_dict(), {"config": json.dumps(net.config), **{k: json.dumps(v) for k, v in meta.items()}}, path)
+
+
+def read_meta(path):
+    """Returns the metadata dict of a checkpoint (values JSON-decoded), with a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise ValueError(f"checkpoint {path}: not a safetensors file ({err})") from None
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def load(path, expect=None, prefix="", device="cpu"):
+    """Rebuilds the network stored at `path`. `expect`: config entries that must match."""
+    meta = read_meta(path)
+    if "config" not in meta:
+        raise ValueError(f"checkpoint {path}: no network config in its metadata")
+    config = meta["config"]
+    for k, v in (expect or {}).items():
+        if config.get(k) != v:
+            raise ValueError(f"checkpoint {path}: network has {k}={config.get(k)!r}, expected {v!r}")
+    net = build(config)
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    net.load_state_dict(state)
+    return net.to(device)
+
+
+def _flatten(obj, prefix, tensors, rest):
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+    elif isinstance(obj, dict):
+        rest[prefix] = {"__dict__": [str(k) for k in obj], "__int__": [isinstance(k, int) for k in obj]}
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}/{k}", tensors, rest)
+    elif isinstance(obj, (list, tuple)):
+        rest[prefix] = {"__list__": len(obj)}
+        for i, v in enumerate(obj):
+            _flatten(v, f"{prefix}/{i}", tensors, rest)
+    else:
+        rest[prefix] = obj
+
+
+def _unflatten(prefix, tensors, rest):
+    if prefix in tensors:
+        return tensors[prefix]
+    node = rest[prefix]
+    if isinstance(node, dict) and "__dict__" in node:
+        return {(int(k) if i else k): _unflatten(f"{prefix}/{k}", tensors, rest)
+                for k, i in zip(node["__dict__"], node["__int__"])}
+    if isinstance(node, dict) and "__list__" in node:
+        return [_unflatten(f"{prefix}/{i}", tensors, rest) for i in range(node["__list__"])]
+    return node
+
+
+def save_state(state, path):
+    """Atomically writes a nested dict of tensors / JSON values (e.g. model, EMA, optimizer and
+    RNG states) as one safetensors file; non-tensor leaves live in the metadata."""
+    tensors, rest = {}, {}
+    _flatten(state, "", tensors, rest)
+    # safetensors refuses tensors that share storage (tied weights, RNG states): clone each
+    _atomic_save({k: v.clone() for k, v in tensors.items()}, {"state": json.dumps(rest)}, path)
+
+
+def load_state(path):
+    """Inverse of save_state."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    with safe_open(path, framework="pt") as f:
+        rest = json.loads((f.metadata() or {}).get("state", "null") or "null")
+        if rest is None:
+            raise ValueError(f"--resume {path}: not a training checkpoint (no 'state' metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unflatten("", tensors, rest)

@@ -1,0 +1,1 @@
+"""Attention with a fused Jacobian-vector product (see kernels/attention_jvp.py)."""

@@ -1,0 +1,723 @@
+"""Attention with a fused Jacobian-vector product (JVP) and a backward through both outputs.
+
+Why this file exists: every JVP-based few-step method (MeanFlow, iMF, sCM, AYF, TVM, ...) pushes a
+tangent through the network. PyTorch's fused attention kernels have no forward-mode rule, and the
+math fallback materializes the N x M attention matrix. TVM moreover back-propagates through the
+JVP output. See shared KERNEL.md for the derivation; in short, per batch-head with scale c:
+
+    S  = c Q K^T        P = softmax_row(S)        O = P V
+    dS = c (dQ K^T + Q dK^T)      mu = rowsum(P * dS)      dO = (P * dS) V - mu * O + P dV
+
+Public API
+----------
+- ``attention_jvp(q, k, v, dq, dk, dv, causal=False, scale=None) -> (o, do)``: one fused pass that
+  returns the output and its JVP. Differentiable: its backward takes the cotangents of o AND of do
+  (either may be absent).
+- ``sdpa(q, k, v, causal=False, scale=None)``: drop-in for ``F.scaled_dot_product_attention`` on
+  (B, H, N, D) tensors. Plain forward/backward with no JVP; under ``torch.func.jvp`` or
+  ``torch.autograd.forward_ad`` its tangent is produced by the kernel in its two-pass form (reusing
+  the saved lse and o), and that tangent is itself differentiable (TVM's loss on the JVP).
+- ``attention_jvp_reference`` / ``attention_backward_reference``: closed-form pure-PyTorch versions
+  (they materialize P). They are the CPU path and the test oracle.
+
+Conventions
+-----------
+- Shapes q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv); N != M allowed; any strides.
+- ``causal=True`` uses the bottom-right alignment of flash-attention (key j is visible to query i
+  iff j <= i + M - N), which is the ordinary lower triangle when N == M. Rows that see no key
+  (only possible with causal and N > M) return o = do = 0 instead of NaN.
+- Statistics (running max, normalizer, lse, mu) are fp32 whatever the input dtype.
+
+Dispatch (module global ``BACKEND``, default "auto")
+----------------------------------------------------
+- CUDA tensors -> Triton kernels.
+- CPU tensors -> the closed-form reference, unless ``TRITON_INTERPRET=1`` was in the environment
+  when this module was imported, in which case the Triton kernels run on CPU through the Triton
+  interpreter (that is how the tests check the kernels without a GPU). The variable is read at
+  import time because ``triton.jit`` decides at decoration time whether it builds an interpreted
+  function.
+- ``BACKEND = "reference"`` or ``"triton"`` forces one path (tests and benchmarks use this).
+- If ``import triton`` fails (e.g. macOS) the module still imports and always uses the reference.
+
+Known limits: the Triton interpreter stores bf16 as raw integers, so bf16 is only meaningful on a
+GPU. fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set, the
+same rule as torch matmuls.
+
+Credits: the structure (Function whose ``jvp`` calls a second differentiable Function, backward
+through both outputs) follows lumalabs/tvm ``jvp_utils``; the streaming forward+JVP follows the
+idea of amorehead/jvp_flash_attention and NVlabs/rcm. The code here is written from the formulas in
+KERNEL.md.
+"""
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: without it everything runs through the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    triton = tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, see module docstring
+BACKEND = "auto"  # "auto" | "reference" | "triton"
+
+__all__ = ["sdpa", "attention_jvp", "attention_jvp_reference", "attention_backward_reference"]
+
+
+def _use_triton(x):
+    if BACKEND == "reference" or not HAS_TRITON:
+        return False
+    if BACKEND == "triton":
+        return True
+    return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+
+
+def _default_scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (closed form; materializes P). CPU path and test oracle.
+# ----------------------------------------------------------------------------------------------
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _mask(n, m, device):
+    """True where key j is NOT visible to query i (bottom-right causal alignment)."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).triu(m - n + 1)
+
+
+def _ref_probs(q, k, causal, scale, lse=None):
+    """Returns P, lse and the mask (None if not causal) in the compute dtype."""
+    cd = _compute_dtype(q)
+    s = scale * (q.to(cd) @ k.to(cd).transpose(-2, -1))
+    mask = _mask(s.shape[-2], s.shape[-1], s.device) if causal else None
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(s - lse.to(cd).unsqueeze(-1))  # rows that see no key: exp(-inf - inf) = 0
+    return p, lse.float() if cd == torch.float32 else lse, mask
+
+
+def _ref_dscores(q, k, dq, dk, mask, scale):
+    cd = _compute_dtype(q)
+    ds = scale * (dq.to(cd) @ k.to(cd).transpose(-2, -1) + q.to(cd) @ dk.to(cd).transpose(-2, -1))
+    return ds if mask is None else ds.masked_fill(mask, 0.0)  # masked dS is 0, never -inf
+
+
+def attention_jvp_reference(q, k, v, dq, dk, dv, causal=False, scale=None, o=None, lse=None):
+    """Closed-form o, do, lse, mu. If ``o`` and ``lse`` are given they are reused (two-pass form).
+
+    o and do come back in the input dtype, lse and mu in fp32 (fp64 for fp64 inputs). ``dq``, ``dk``
+    or ``dv`` may be None (zero tangent). Not meant to be differentiated through autograd directly
+    (use ``attention_jvp``), although it is plain torch code.
+    """
+    scale = _default_scale(q, scale)
+    cd = _compute_dtype(q)
+    p, lse, mask = _ref_probs(q, k, causal, scale, lse)
+    vc = v.to(cd)
+    o_c = p @ vc if o is None else o.to(cd)
+    tacc = torch.zeros_like(o_c)
+    mu = torch.zeros_like(lse)
+    if dq is not None or dk is not None:
+        ds = _ref_dscores(q, k, q.new_zeros(()).expand_as(q) if dq is None else dq,
+                          k.new_zeros(()).expand_as(k) if dk is None else dk, mask, scale)
+        pds = p * ds
+        mu = pds.sum(-1).to(lse.dtype)
+        tacc = pds @ vc
+    if dv is not None:
+        tacc = tacc + p @ dv.to(cd)
+    do = tacc - mu.to(cd).unsqueeze(-1) * o_c
+    return o_c.to(q.dtype) if o is None else o, do.to(q.dtype), lse, mu
+
+
+def attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal=False,
+                                 scale=None):
+    """Closed-form gradients (gq, gk, gv, gdq, gdk, gdv) of <g, o> + <gt, do> (KERNEL.md).
+
+    ``g`` or ``gt`` may be None. With ``gt`` None this is the ordinary attention backward and the
+    tangents may be None too; the last three results are then None.
+    """
+    scale = _default_scale(q, scale)
+    cd = _compute_dtype(q)
+    p, _, mask = _ref_probs(q, k, causal, scale, lse)
+    qc, kc, vc, oc = q.to(cd), k.to(cd), v.to(cd), o.to(cd)
+    dP = torch.zeros_like(p)
+    gv = torch.zeros_like(vc)
+    delta = torch.zeros_like(p[..., 0])
+    if g is not None:
+        gc = g.to(cd)
+        dP = dP + gc @ vc.transpose(-2, -1)
+        gv = gv + p.transpose(-2, -1) @ gc
+        delta = delta + (gc * oc).sum(-1)
+    gq = gk = None
+    gdq = gdk = gdv = None
+    if gt is not None:
+        gtc = gt.to(cd)
+        dqc = torch.zeros_like(qc) if dq is None else dq.to(cd)
+        dkc = torch.zeros_like(kc) if dk is None else dk.to(cd)
+        dvc = torch.zeros_like(vc) if dv is None else dv.to(cd)
+        mu_c = mu.to(cd).unsqueeze(-1)
+        ds = _ref_dscores(qc, kc, dqc, dkc, mask, scale)
+        dt = (gtc * oc).sum(-1, keepdim=True)
+        delta = delta + (gtc * do.to(cd)).sum(-1) - mu_c.squeeze(-1) * dt.squeeze(-1)
+        b = gtc @ vc.transpose(-2, -1)
+        dsc = ds - mu_c
+        dP = dP + gtc @ dvc.transpose(-2, -1) + b * dsc - ds * dt
+        gds = p * (b - dt)
+        gv = gv + (p * dsc).transpose(-2, -1) @ gtc
+        gdv = p.transpose(-2, -1) @ gtc
+        gdq = scale * (gds @ kc)
+        gdk = scale * (gds.transpose(-2, -1) @ qc)
+        gq = scale * (gds @ dkc)
+        gk = scale * (gds.transpose(-2, -1) @ dqc)
+    gs = p * (dP - delta.unsqueeze(-1))
+    gq = scale * (gs @ kc) + (0 if gq is None else gq)
+    gk = scale * (gs.transpose(-2, -1) @ qc) + (0 if gk is None else gk)
+    cast = lambda x, ref: None if x is None else x.to(ref.dtype)  # noqa: E731
+    return (cast(gq, q), cast(gk, k), cast(gv, v), cast(gdq, q), cast(gdk, k), cast(gdv, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c):
+        return tl.load(ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c,
+                       mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+
+    @triton.jit
+    def _visible(offs_m, offs_n, N, M, CAUSAL: tl.constexpr):
+        ok = (offs_n[None, :] < M) & (offs_m[:, None] >= 0)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
+        return ok
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
+                    sob, soh, son, sod, stob, stoh, ston, stod,
+                    H, N, M, D, DV, scale,
+                    CAUSAL: tl.constexpr, HAS_JVP: tl.constexpr, HAS_DQK: tl.constexpr,
+                    HAS_DV: tl.constexpr, TWO_PASS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
+        """One program = BLOCK_M query rows of one (batch, head).
+
+        Fused mode: the usual online softmax, plus nu = rowsum(p dS) and ONE tangent accumulator
+        tacc = (p dS) V + p dV that share the rescale factor alpha. TWO_PASS mode: lse and O are
+        known, so p = exp(S - lse) is already normalized and only the tangent is accumulated.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = offs_m < N
+
+        q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N, D)
+        if HAS_DQK:
+            tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, stqn, stqd, N, D)
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        TK += b * stkb + h * stkh
+        TV += b * stvb + h * stvh
+
+        if TWO_PASS:
+            m_i = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=float("inf"))
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        tacc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        nu = tl.zeros([BLOCK_M], tl.float32)
+
+        hi = M
+        if CAUSAL:  # last visible key of this block is (pid_m+1)*BLOCK_M - 1 + M - N
+            hi = tl.maximum(tl.minimum(M, (pid_m + 1) * BLOCK_M + M - N), 0)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k = _load_tile(K, offs_n, offs_d, skn, skd, M, D)
+            v = _load_tile(V, offs_n, offs_dv, svn, svd, M, DV)
+            ok = _visible(offs_m, offs_n, N, M, CAUSAL)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+            s = tl.where(ok, s, float("-inf"))
+            if TWO_PASS:
+                # finite lse for every row that sees a key; +inf (-> p = 0) for the others
+                p = tl.exp(s - m_i[:, None])
+                alpha = tl.full([BLOCK_M], 1.0, tl.float32)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                m_i = m_new
+            if HAS_JVP:
+                tacc = tacc * alpha[:, None]
+                if HAS_DQK:
+                    tk = _load_tile(TK, offs_n, offs_d, stkn, stkd, M, D)
+                    ds = (tl.dot(tq, tl.trans(k), input_precision=DOT_PREC)
+                          + tl.dot(q, tl.trans(tk), input_precision=DOT_PREC)) * scale
+                    pds = p * tl.where(ok, ds, 0.0)
+                    nu = nu * alpha + tl.sum(pds, 1)
+                    tacc += tl.dot(pds.to(v.dtype), v, input_precision=DOT_PREC)
+                if HAS_DV:
+                    tv = _load_tile(TV, offs_n, offs_dv, stvn, stvd, M, DV)
+                    tacc += tl.dot(p.to(tv.dtype), tv, input_precision=DOT_PREC)
+
+        empty = l_i == 0.0  # rows that see no key at all
+        l_safe = tl.where(empty, 1.0, l_i)
+        o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+        if TWO_PASS:
+            o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
+                        mask=o_mask, other=0.0).to(tl.float32)
+        else:
+            o = acc / l_safe[:, None]
+            tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
+                     o.to(O.dtype.element_ty), mask=o_mask)
+            lse = tl.where(empty, float("inf"), tl.where(empty, 0.0, m_i) + tl.log(l_safe))
+            tl.store(LSE + pid_bh * N + offs_m, lse, mask=row_ok)
+        if HAS_JVP:
+            mu = nu / l_safe
+            do = tacc / l_safe[:, None] - mu[:, None] * o
+            tl.store(TO + b * stob + h * stoh + offs_m[:, None] * ston + offs_dv[None, :] * stod,
+                     do.to(TO.dtype.element_ty), mask=o_mask)
+            tl.store(MU + pid_bh * N + offs_m, mu, mask=row_ok)
+
+    @triton.jit
+    def _bwd_pre_kernel(O, TO, G, GT, MU, DELTA, DT,
+                        sob, soh, son, sod, stob, stoh, ston, stod,
+                        sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
+                        H, N, DV, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """Row statistics: Delta = D + E - mu Dt and Dt (KERNEL.md), O(N d) work."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        o = _load_tile(O + b * sob + h * soh, offs_m, offs_dv, son, sod, N, DV).to(tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_G:
+            g = _load_tile(G + b * sgb + h * sgh, offs_m, offs_dv, sgn, sgd, N, DV)
+            delta += tl.sum(g.to(tl.float32) * o, 1)
+        if HAS_GT:
+            gt = _load_tile(GT + b * sgtb + h * sgth, offs_m, offs_dv, sgtn, sgtd, N, DV)
+            gt = gt.to(tl.float32)
+            to = _load_tile(TO + b * stob + h * stoh, offs_m, offs_dv, ston, stod, N, DV)
+            mu = tl.load(MU + pid_bh * N + offs_m, mask=offs_m < N, other=0.0)
+            dt = tl.sum(gt * o, 1)
+            delta += tl.sum(gt * to.to(tl.float32), 1) - mu * dt
+            tl.store(DT + pid_bh * N + offs_m, dt, mask=offs_m < N)
+        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+
+    @triton.jit
+    def _bwd_tile(q, k, v, tq, tk, tv, g, gt, lse, delta, mu, dt, ok, scale,
+                  HAS_G: tl.constexpr, HAS_GT: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Recomputes one (BLOCK_M x BLOCK_N) tile: returns P, P*(dS-mu), gS and gdS."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.zeros_like(p)
+        if HAS_G:
+            dp += tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
+        pdsc = tl.zeros_like(p)
+        gds = tl.zeros_like(p)
+        if HAS_GT:
+            ds = (tl.dot(tq, tl.trans(k), input_precision=DOT_PREC)
+                  + tl.dot(q, tl.trans(tk), input_precision=DOT_PREC)) * scale
+            ds = tl.where(ok, ds, 0.0)
+            bm = tl.dot(gt, tl.trans(v), input_precision=DOT_PREC)
+            dsc = ds - mu[:, None]
+            dp += tl.dot(gt, tl.trans(tv), input_precision=DOT_PREC) + bm * dsc - ds * dt[:, None]
+            pdsc = p * dsc
+            gds = p * (bm - dt[:, None])
+        gs = p * (dp - delta[:, None])
+        return p, pdsc, gs, gds
+
+    @triton.jit
+    def _bwd_kv_kernel(Q, K, V, TQ, TK, TV, G, GT, LSE, DELTA, MU, DT,
+                       GK, GV, GTK, GTV,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
+                       sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
+                       H, N, M, D, DV, scale,
+                       CAUSAL: tl.constexpr, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One program = BLOCK_N keys; loops over query blocks; writes gK, gV, gdK, gdV.
+
+        Gradient buffers are contiguous (B, H, M, D) and share the strides of ``GK``/``GV``.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, M, D)
+        v = _load_tile(V + b * svb + h * svh, offs_n, offs_dv, svn, svd, M, DV)
+        tk = k
+        tv = v
+        if HAS_GT:
+            tk = _load_tile(TK + b * stkb + h * stkh, offs_n, offs_d, stkn, stkd, M, D)
+            tv = _load_tile(TV + b * stvb + h * stvh, offs_n, offs_dv, stvn, stvd, M, DV)
+        Q += b * sqb + h * sqh
+        TQ += b * stqb + h * stqh
+        G += b * sgb + h * sgh
+        GT += b * sgtb + h * sgth
+        gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        gv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        gtk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        gtv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        lo = 0
+        if CAUSAL:  # first query that sees key pid_n*BLOCK_N is that key index - (M - N)
+            lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0)
+            lo = (lo // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, N, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < N
+            q = _load_tile(Q, offs_m, offs_d, sqn, sqd, N, D)
+            lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+            g = q
+            tq = q
+            gt = q
+            mu = delta
+            dt = delta
+            if HAS_G:
+                g = _load_tile(G, offs_m, offs_dv, sgn, sgd, N, DV)
+            if HAS_GT:
+                tq = _load_tile(TQ, offs_m, offs_d, stqn, stqd, N, D)
+                gt = _load_tile(GT, offs_m, offs_dv, sgtn, sgtd, N, DV)
+                mu = tl.load(MU + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+                dt = tl.load(DT + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+            ok = _visible(offs_m, offs_n, N, M, CAUSAL)
+            p, pdsc, gs, gds = _bwd_tile(q, k, v, tq, tk, tv, g, gt, lse, delta, mu, dt, ok,
+                                         scale, HAS_G, HAS_GT, DOT_PREC)
+            gk += tl.dot(tl.trans(gs.to(q.dtype)), q, input_precision=DOT_PREC)
+            if HAS_G:
+                gv += tl.dot(tl.trans(p.to(g.dtype)), g, input_precision=DOT_PREC)
+            if HAS_GT:
+                gv += tl.dot(tl.trans(pdsc.to(gt.dtype)), gt, input_precision=DOT_PREC)
+                gtv += tl.dot(tl.trans(p.to(gt.dtype)), gt, input_precision=DOT_PREC)
+                gk += tl.dot(tl.trans(gds.to(tq.dtype)), tq, input_precision=DOT_PREC)
+                gtk += tl.dot(tl.trans(gds.to(q.dtype)), q, input_precision=DOT_PREC)
+        kmask = (offs_n[:, None] < M) & (offs_d[None, :] < D)
+        vmask = (offs_n[:, None] < M) & (offs_dv[None, :] < DV)
+        base_k = pid_bh * M * D + offs_n[:, None] * D + offs_d[None, :]
+        base_v = pid_bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :]
+        tl.store(GK + base_k, (gk * scale).to(GK.dtype.element_ty), mask=kmask)
+        tl.store(GV + base_v, gv.to(GV.dtype.element_ty), mask=vmask)
+        if HAS_GT:
+            tl.store(GTK + base_k, (gtk * scale).to(GTK.dtype.element_ty), mask=kmask)
+            tl.store(GTV + base_v, gtv.to(GTV.dtype.element_ty), mask=vmask)
+
+    @triton.jit
+    def _bwd_q_kernel(Q, K, V, TQ, TK, TV, G, GT, LSE, DELTA, MU, DT, GQ, GTQ,
+                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
+                      sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
+                      H, N, M, D, DV, scale,
+                      CAUSAL: tl.constexpr, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
+                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One program = BLOCK_M queries; loops over key blocks; writes gQ and gdQ (contiguous)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = offs_m < N
+        q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N, D)
+        lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+        g = q
+        tq = q
+        gt = q
+        mu = delta
+        dt = delta
+        if HAS_G:
+            g = _load_tile(G + b * sgb + h * sgh, offs_m, offs_dv, sgn, sgd, N, DV)
+        if HAS_GT:
+            tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, stqn, stqd, N, D)
+            gt = _load_tile(GT + b * sgtb + h * sgth, offs_m, offs_dv, sgtn, sgtd, N, DV)
+            mu = tl.load(MU + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+            dt = tl.load(DT + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        TK += b * stkb + h * stkh
+        TV += b * stvb + h * stvh
+        gq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        gtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = M
+        if CAUSAL:
+            hi = tl.maximum(tl.minimum(M, (pid_m + 1) * BLOCK_M + M - N), 0)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k = _load_tile(K, offs_n, offs_d, skn, skd, M, D)
+            v = _load_tile(V, offs_n, offs_dv, svn, svd, M, DV)
+            tk = k
+            tv = v
+            if HAS_GT:
+                tk = _load_tile(TK, offs_n, offs_d, stkn, stkd, M, D)
+                tv = _load_tile(TV, offs_n, offs_dv, stvn, stvd, M, DV)
+            ok = _visible(offs_m, offs_n, N, M, CAUSAL)
+            p, pdsc, gs, gds = _bwd_tile(q, k, v, tq, tk, tv, g, gt, lse, delta, mu, dt, ok,
+                                         scale, HAS_G, HAS_GT, DOT_PREC)
+            gq += tl.dot(gs.to(k.dtype), k, input_precision=DOT_PREC)
+            if HAS_GT:
+                gq += tl.dot(gds.to(tk.dtype), tk, input_precision=DOT_PREC)
+                gtq += tl.dot(gds.to(k.dtype), k, input_precision=DOT_PREC)
+        qmask = row_ok[:, None] & (offs_d[None, :] < D)
+        base = pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :]
+        tl.store(GQ + base, (gq * scale).to(GQ.dtype.element_ty), mask=qmask)
+        if HAS_GT:
+            tl.store(GTQ + base, (gtq * scale).to(GTQ.dtype.element_ty), mask=qmask)
+
+
+def _blocks(d, dv):
+    """Tile sizes. Small under the interpreter so that small test shapes span several tiles."""
+    bd = max(16, triton.next_power_of_2(d))
+    bdv = max(16, triton.next_power_of_2(dv))
+    if INTERPRET:
+        return 16, 16, bd, bdv, 1
+    bm = 64
+    bn = 64 if max(bd, bdv) <= 64 else 32
+    return bm, bn, bd, bdv, 4
+
+
+def _dot_prec(x):
+    if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _check(q, k, v):
+    assert q.dim() == k.dim() == v.dim() == 4, "expected (B, H, N, D) tensors"
+    assert q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
+    assert q.shape[-1] == k.shape[-1] and q.shape[-1] <= 256 and v.shape[-1] <= 256
+    assert q.dtype == k.dtype == v.dtype
+
+
+def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
+    """Fused (o, do, lse, mu); with ``o``/``lse`` given, the two-pass tangent (o, do, lse, mu)."""
+    _check(q, k, v)
+    B, H, N, D = q.shape
+    M, DV = k.shape[2], v.shape[-1]
+    has_dqk = dq is not None or dk is not None
+    if has_dqk:  # a missing one of dq/dk contributes nothing; zeros keep the kernel simple
+        dq = torch.zeros_like(q) if dq is None else dq
+        dk = torch.zeros_like(k) if dk is None else dk
+    has_jvp = has_dqk or dv is not None
+    two_pass = o is not None
+    if not two_pass:
+        o = torch.empty(B, H, N, DV, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    else:
+        lse = lse.contiguous()
+    do = torch.empty_like(o) if has_jvp else o
+    mu = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
+    tq = dq if dq is not None else q
+    tk = dk if dk is not None else k
+    tv = dv if dv is not None else v
+    bm, bn, bd, bdv, warps = _blocks(D, DV)
+    grid = (triton.cdiv(N, bm), B * H)
+    _fwd_kernel[grid](q, k, v, tq, tk, tv, o, do, lse, mu,
+                      *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(),
+                      *tv.stride(), *o.stride(), *do.stride(),
+                      H, N, M, D, DV, scale,
+                      CAUSAL=causal, HAS_JVP=has_jvp, HAS_DQK=has_dqk, HAS_DV=dv is not None,
+                      TWO_PASS=two_pass, DOT_PREC=_dot_prec(q),
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps)
+    if not has_jvp:
+        do = torch.zeros_like(o)
+    return o, do, lse, mu
+
+
+def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
+    _check(q, k, v)
+    B, H, N, D = q.shape
+    M, DV = k.shape[2], v.shape[-1]
+    has_g, has_gt = g is not None, gt is not None
+    if has_gt:
+        dq = torch.zeros_like(q) if dq is None else dq
+        dk = torch.zeros_like(k) if dk is None else dk
+        dv = torch.zeros_like(v) if dv is None else dv
+    else:
+        dq, dk, dv, do = q, k, v, o  # unused placeholders
+    g_ = g if has_g else o
+    gt_ = gt if has_gt else o
+    bm, bn, bd, bdv, warps = _blocks(D, DV)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, H, N, **f32)
+    dt = torch.empty(B, H, N, **f32) if has_gt else delta
+    mu = mu.contiguous() if has_gt else delta
+    lse = lse.contiguous()
+    _bwd_pre_kernel[(triton.cdiv(N, bm), B * H)](
+        o, do, g_, gt_, mu, delta, dt, *o.stride(), *do.stride(), *g_.stride(), *gt_.stride(),
+        H, N, DV, HAS_G=has_g, HAS_GT=has_gt, BLOCK_M=bm, BLOCK_DV=bdv)
+    gq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    gk = torch.empty(B, H, M, D, device=q.device, dtype=k.dtype)
+    gv = torch.empty(B, H, M, DV, device=q.device, dtype=v.dtype)
+    gtq = torch.empty_like(gq) if has_gt else gq
+    gtk = torch.empty_like(gk) if has_gt else gk
+    gtv = torch.empty_like(gv) if has_gt else gv
+    common = (*q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+              *g_.stride(), *gt_.stride(), H, N, M, D, DV, scale)
+    meta = dict(CAUSAL=causal, HAS_G=has_g, HAS_GT=has_gt, DOT_PREC=_dot_prec(q),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps)
+    _bwd_kv_kernel[(triton.cdiv(M, bn), B * H)](
+        q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gk, gv, gtk, gtv, *common, **meta)
+    _bwd_q_kernel[(triton.cdiv(N, bm), B * H)](
+        q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gq, gtq, *common, **meta)
+    if not has_gt:
+        return gq, gk, gv, None, None, None
+    return gq, gk, gv, gtq, gtk, gtv
+
+
+def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
+    if _use_triton(q):
+        return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
+    return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
+
+
+def _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
+    if g is None and gt is None:
+        return (None,) * 6
+    if _use_triton(q):
+        return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+    return attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------
+
+class _AttentionJVP(torch.autograd.Function):
+    """(q, k, v, dq, dk, dv) -> (o, do, lse, mu); backward through o and do."""
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, causal, scale):
+        return _forward(q, k, v, dq, dk, dv, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, dq, dk, dv, causal, scale = inputs
+        o, do, lse, mu = output
+        ctx.save_for_backward(q, k, v, dq, dk, dv, o, do, lse, mu)
+        ctx.mark_non_differentiable(lse, mu)
+        ctx.set_materialize_grads(False)
+        ctx.causal, ctx.scale = causal, scale
+
+    @staticmethod
+    def backward(ctx, g, gt, _glse, _gmu):
+        q, k, v, dq, dk, dv, o, do, lse, mu = ctx.saved_tensors
+        if gt is None:  # gradients of the tangents are zero, the rest is the plain backward
+            gq, gk, gv, _, _, _ = _backward(q, k, v, None, None, None, o, None, lse, None, g,
+                                            None, ctx.causal, ctx.scale)
+            zero = lambda x: None if x is None else torch.zeros_like(x)  # noqa: E731
+            return gq, gk, gv, zero(dq), zero(dk), zero(dv), None, None
+        grads = _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, ctx.causal, ctx.scale)
+        return (*grads, None, None)
+
+
+def attention_jvp(q, k, v, dq, dk, dv, causal=False, scale=None):
+    """Attention output and its JVP in one fused pass: returns (o, do), both differentiable."""
+    o, do, _, _ = _AttentionJVP.apply(q, k, v, dq, dk, dv, causal, _default_scale(q, scale))
+    return o, do
+
+
+class _SDPATangent(torch.autograd.Function):
+    """Two-pass tangent: given the primal's o and lse, (q, k, v, dq, dk, dv) -> (do, mu).
+
+    o and lse are cached functions of (q, k, v), passed as constants: the backward returns the
+    total derivative of do with respect to the six real inputs (KERNEL.md with G = 0).
+    """
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, o, lse, causal, scale):
+        _, do, _, mu = _forward(q, k, v, dq, dk, dv, causal, scale, o=o, lse=lse)
+        return do, mu
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, dq, dk, dv, o, lse, causal, scale = inputs
+        do, mu = output
+        ctx.save_for_backward(q, k, v, dq, dk, dv, o, lse, do, mu)
+        ctx.mark_non_differentiable(mu)
+        ctx.set_materialize_grads(False)
+        ctx.causal, ctx.scale = causal, scale
+
+    @staticmethod
+    def backward(ctx, gt, _gmu):
+        q, k, v, dq, dk, dv, o, lse, do, mu = ctx.saved_tensors
+        grads = _backward(q, k, v, dq, dk, dv, o, do, lse, mu, None, gt, ctx.causal, ctx.scale)
+        return (*grads, None, None, None, None)
+
+
+class _SDPA(torch.autograd.Function):
+    """(q, k, v) -> (o, lse). Plain forward/backward; the ``jvp`` rule calls _SDPATangent."""
+
+    @staticmethod
+    def forward(q, k, v, causal, scale):
+        o, _, lse, _ = _forward(q, k, v, None, None, None, causal, scale)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.causal, ctx.scale = causal, scale
+
+    @staticmethod
+    def backward(ctx, g, _glse):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv, _, _, _ = _backward(q, k, v, None, None, None, o, None, lse, None, g, None,
+                                        ctx.causal, ctx.scale)
+        return gq, gk, gv, None, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        q, k, v, o, lse = ctx.saved_tensors
+        if dq is None and dk is None and dv is None:
+            return torch.zeros_like(o), None
+        zero = lambda t, x: torch.zeros_like(x) if t is None else t  # noqa: E731
+        do, _ = _SDPATangent.apply(q, k, v, zero(dq, q), zero(dk, k), zero(dv, v), o, lse,
+                                   ctx.causal, ctx.scale)
+        return do, None  # lse is non-differentiable (its tangent would be mu)
+
+
+def sdpa(q, k, v, causal=False, scale=None):
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`` on
+    (B, H, N, D) tensors (see the module docstring for the causal alignment when N != M), with a
+    forward-mode rule usable by ``torch.func.jvp`` and ``torch.autograd.forward_ad``."""
+    o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale))
+    return o
