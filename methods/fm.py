@@ -209,6 +209,8 @@ if __name__ == "__main__":
     net = make_net().to(device)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k, null, args.cfg_scale, args.sampler)
+    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides data/RNG state
     step = 0
 
     # ---- resume
@@ -216,9 +218,8 @@ if __name__ == "__main__":
         state = load_state(ckpt_path)
         if state["config"] != net.config:
             raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        for k, m in saved.items():
+            m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda":
@@ -256,7 +257,6 @@ if __name__ == "__main__":
 
     # ---- evaluation
     evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
-    sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k, null, args.cfg_scale, args.sampler)
 
     def evaluate(final=False):
         metrics = evaluator(sample_fn, args.eval_steps)
@@ -265,7 +265,7 @@ if __name__ == "__main__":
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
                     "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
                     "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
                    os.path.join(run_dir, "ckpt.safetensors"))
@@ -287,23 +287,26 @@ if __name__ == "__main__":
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
         loss, terms = fm_loss(ddp_net, x, y, args)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss {terms}; last good checkpoint kept in {run_dir}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        terms.update(grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
+        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
+            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
         opt.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - args.ema_decay)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+        # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "grad_norm": gnorm.item(), "lr": opt.param_groups[0]["lr"], "sec_per_step": sec, "fpe": sec / fwd_time}
+            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
             bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
             log(last)
         if rank == 0 and (step % args.eval_every == 0 or step == args.steps):

@@ -183,27 +183,34 @@ def guided_velocity(net, x_t, t, v, y, null, args):
     return torch.where((y != null).view(-1, *[1] * (x_t.dim() - 1)), v_g, v)
 
 
-def meanflow_loss(net, x, y, args, null):
-    """MeanFlow loss (Alg. 1); the JVP only on the rows with s != t. Returns (loss, terms)."""
-    n, dims = x.shape[0], [1] * (x.dim() - 1)
-    n_jvp = round(args.ratio * n)
-    m = n - n_jvp  # rows 0..m-1 have s = t
-    e = torch.randn_like(x)
-    t, s = sample_ts(n, n_jvp, args, x.device)
-    x_t = (1 - t.view(-1, *dims)) * x + t.view(-1, *dims) * e
-    v_g = guided_velocity(net, x_t, t, e - x, y, null, args)
+def mean_velocity_and_target(net, x_t, t, s, y, v_g, m):
+    """u = net(x_t, t, s, y) and u_tgt = v_g - (t - s) du/dt (eq. 10, not yet stop-gradient);
+    rows 0..m-1 have s = t and take a plain forward (their target is v_g), the rest one JVP."""
+    dims = [1] * (x_t.dim() - 1)
     u, u_tgt = [], []
-    if m > 0:  # s = t: u_tgt = v_g (no JVP needed)
+    if m > 0:
         u.append(net(x_t[:m], t[:m], t[:m], y[:m]))
         u_tgt.append(v_g[:m])
-    if n_jvp > 0:
+    if m < len(x_t):
         s_, y_ = s[m:], y[m:]
         u_j, du_dt = torch.func.jvp(lambda z, t_: net(z, t_, s_, y_), (x_t[m:], t[m:]), (v_g[m:], torch.ones_like(t[m:])))
         u.append(u_j)
         u_tgt.append(v_g[m:] - (t[m:] - s_).view(-1, *dims) * du_dt)
-    u, u_tgt = torch.cat(u), torch.cat(u_tgt).detach()
-    l = ((u - u_tgt) ** 2).flatten(1).sum(1)
+    return torch.cat(u), torch.cat(u_tgt)
+
+
+def meanflow_loss(net, x, y, args, null):
+    """MeanFlow loss (Alg. 1) with the adaptive weight. Returns (loss, terms)."""
+    n, dims = x.shape[0], [1] * (x.dim() - 1)
+    n_jvp = round(args.ratio * n)
+    e = torch.randn_like(x)
+    t, s = sample_ts(n, n_jvp, args, x.device)
+    x_t = (1 - t.view(-1, *dims)) * x + t.view(-1, *dims) * e
+    v_g = guided_velocity(net, x_t, t, e - x, y, null, args)
+    u, u_tgt = mean_velocity_and_target(net, x_t, t, s, y, v_g, n - n_jvp)
+    l = ((u - u_tgt.detach()) ** 2).flatten(1).sum(1)
     loss = (l / (l.detach() + args.norm_eps) ** args.norm_p).mean()
+    m = n - n_jvp
     return loss, {"loss": loss.item(), "mse": l.mean().item(), "mse_fm": l[:m].mean().item() if m else 0.0,
                   "mse_mf": l[m:].mean().item() if n_jvp else 0.0}
 
@@ -255,6 +262,8 @@ if __name__ == "__main__":
     net = make_net().to(device)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
+    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides data/RNG state
     step = 0
 
     # ---- resume
@@ -262,9 +271,8 @@ if __name__ == "__main__":
         state = load_state(ckpt_path)
         if state["config"] != net.config:
             raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        for k, m in saved.items():
+            m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda":
@@ -302,7 +310,6 @@ if __name__ == "__main__":
 
     # ---- evaluation
     evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
-    sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
 
     def evaluate(final=False):
         metrics = evaluator(sample_fn, args.eval_steps)
@@ -311,7 +318,7 @@ if __name__ == "__main__":
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
                     "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
                     "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
                    os.path.join(run_dir, "ckpt.safetensors"))
@@ -333,23 +340,26 @@ if __name__ == "__main__":
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
         loss, terms = meanflow_loss(ddp_net, x, y, args, null)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss {terms}; last good checkpoint kept in {run_dir}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        terms.update(grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
+        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
+            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
         opt.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - args.ema_decay)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+        # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "grad_norm": gnorm.item(), "lr": opt.param_groups[0]["lr"], "sec_per_step": sec, "fpe": sec / fwd_time}
+            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
             bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
             log(last)
         if rank == 0 and (step % args.eval_every == 0 or step == args.steps):

@@ -1,0 +1,259 @@
+"""Benchmark of attention with a JVP: `python -m kernels.bench [--quick] [--smoke]`.
+
+What is timed (each row one (shape, method)); "ours" = kernels.attention_jvp:
+  fwd            forward only: PyTorch's fused attention ("flash", the speed of light) and ours
+  fwd+jvp        output and tangent: ours fused (attention_jvp), ours through torch.func.jvp(sdpa)
+                 (two-pass tangent), torch.func.jvp over naive attention and over the math backend
+  +bwd(o)        fwd+jvp then backward through o only
+  +bwd(o,do)     fwd+jvp then backward through o and do (TVM)
+  dit-step       a full DiT training step whose loss uses torch.func.jvp (MeanFlow-style)
+Columns: median time, peak memory above the inputs, time / flash forward of the same shape
+(ideal forward+JVP is about 3x), and time / the naive torch.func.jvp of the same mode.
+
+On CUDA the shapes are those of KERNEL.md (DiT-XL/2 at 256 px: 256 tokens, 16 heads, D 72;
+long sequences 1k-16k), "ours" is the Triton kernel, memory is torch.cuda peak allocation.
+On CPU (no GPU here) "ours" is the closed-form reference (it materializes P), shapes are small,
+and memory is the growth of the peak resident set of a fresh child process running the case
+once (coarse: allocator effects included). CPU numbers say nothing about GPU performance.
+`--smoke` runs tiny shapes in-process (no memory column); with TRITON_INTERPRET=1 it drives the
+Triton kernels through the interpreter, which checks the CUDA code path end to end (timings
+there are meaningless).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import kernels.attention_jvp as A
+
+
+def naive(q, k, v, causal=False, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * q @ k.transpose(-2, -1)
+    return s.softmax(-1) @ v
+
+
+def math_backend(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+# (mode, method) pairs; the first fwd row of each shape is the "flash" reference for ratios
+ATTN_CASES = [
+    ("fwd", "flash"), ("fwd", "ours"),
+    ("fwd+jvp", "ours-fused"), ("fwd+jvp", "ours-sdpa"), ("fwd+jvp", "naive"), ("fwd+jvp", "math"),
+    ("+bwd(o)", "ours-fused"), ("+bwd(o)", "ours-sdpa"), ("+bwd(o)", "naive"),
+    ("+bwd(o,do)", "ours-fused"), ("+bwd(o,do)", "ours-sdpa"), ("+bwd(o,do)", "naive"),
+]
+
+
+def attn_fn(mode, method, B, H, N, D, dtype, device):
+    """Builds inputs and returns a closure running one (mode, method)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda: torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)  # noqa: E731
+    need_grad = mode.startswith("+bwd")
+    xs = [mk().requires_grad_(need_grad) for _ in range(6)]
+    cot = [mk(), mk()]
+
+    if mode == "fwd":
+        f = F.scaled_dot_product_attention if method == "flash" else A.sdpa
+
+        def run():
+            with torch.no_grad():
+                return f(*xs[:3])
+        return run
+
+    def fwd_jvp():
+        if method == "ours-fused":
+            return A.attention_jvp(*xs)
+        base = {"ours-sdpa": A.sdpa, "naive": naive, "math": math_backend}[method]
+        return torch.func.jvp(base, tuple(xs[:3]), tuple(xs[3:]))
+
+    def run():
+        if not need_grad:
+            with torch.no_grad():
+                return fwd_jvp()
+        o, do = fwd_jvp()
+        loss = (o * cot[0]).sum()
+        if mode == "+bwd(o,do)":
+            loss = loss + (do * cot[1]).sum()
+        grads = torch.autograd.grad(loss, xs, allow_unused=True)
+        return grads
+    return run
+
+
+def dit_fn(method, cfg, batch, device):
+    """A MeanFlow-style training step: u, du/dt = jvp(net, (x, t, s), (v, 1, 0)); loss on both."""
+    import common.dit as dit
+    torch.manual_seed(0)
+    dit.sdpa = A.sdpa if method == "ours-sdpa" else naive  # the module-level name dit.py calls
+    net = dit.DiT(**cfg).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    s_ = cfg["input_size"]
+    x = torch.randn(batch, cfg["in_channels"], s_, s_, device=device)
+    v = torch.randn_like(x)
+    t = torch.rand(batch, device=device)
+    s = t * torch.rand(batch, device=device)
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        u, du = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (x, t, s),
+                               (v, torch.ones_like(t), torch.zeros_like(s)))
+        ((u - v) ** 2).mean().add((du ** 2).mean()).backward()
+        opt.step()
+    return run
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(run, device, reps):
+    run()  # warm-up (Triton compilation, allocator)
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(spec, device, reps, memory):
+    """Returns (seconds, peak MB or None, error string or None) for one case spec."""
+    try:
+        run = build(spec, device)
+        mem = None
+        if memory and device == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run()
+            sync(device)
+            mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+        elif memory:  # fresh child process: peak RSS growth while running the case once
+            mem = cpu_child_memory(spec)
+        return timeit(run, device, reps), mem, None
+    except torch.OutOfMemoryError:
+        return None, None, "OOM"
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def build(spec, device):
+    if spec["kind"] == "attn":
+        return attn_fn(spec["mode"], spec["method"], *spec["shape"], getattr(torch, spec["dtype"]),
+                       device)
+    return dit_fn(spec["method"], spec["cfg"], spec["batch"], device)
+
+
+def cpu_child_memory(spec):
+    out = subprocess.run([sys.executable, "-m", "kernels.bench", "--child", json.dumps(spec)],
+                         capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def child(spec):
+    """Child process: build inputs, run once, print the peak-RSS growth in MB."""
+    run = build(spec, "cpu")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    run()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def plan(device, quick, smoke):
+    if smoke:
+        shapes, dtype = [(1, 2, 40, 16)], "float32"
+        dit_cfg, dit_batch = dict(input_size=8, patch_size=2, in_channels=1, hidden=32, depth=1,
+                                  heads=2, num_classes=10), 2
+    elif device == "cuda":
+        dtype = "bfloat16"  # 16-bit as in training; fp32 would measure TF32/IEEE dot choices
+        shapes = [(32, 16, 256, 72), (8, 16, 1024, 64), (2, 16, 4096, 64)]
+        shapes += [] if quick else [(1, 16, 8192, 64), (1, 16, 16384, 64)]
+        dit_cfg = dict(input_size=32, patch_size=2, in_channels=4, hidden=1152, heads=16,
+                       depth=4 if quick else 28, num_classes=1000)  # DiT-XL/2 at 256 px
+        dit_batch = 32
+    else:
+        dtype = "float32"
+        shapes = [(1, 16, 256, 72)] + ([] if quick else [(1, 4, 1024, 64)])
+        dit_cfg = dict(input_size=16, patch_size=2, in_channels=4, hidden=128, heads=4, depth=2,
+                       num_classes=10)
+        dit_batch = 8
+    specs = [dict(kind="attn", mode=m, method=meth, shape=list(s), dtype=dtype)
+             for s in shapes for m, meth in ATTN_CASES]
+    specs += [dict(kind="dit", mode="dit-step", method=meth, cfg=dit_cfg, batch=dit_batch)
+              for meth in ("ours-sdpa", "naive")]
+    return specs, dtype
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer/smaller shapes")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, no memory column")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    device = args.device
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    reps = args.reps or (2 if args.smoke else 10 if device == "cuda" else 3)
+    specs, dtype = plan(device, args.quick, args.smoke)
+    backend = ("Triton" if device == "cuda" or A.INTERPRET else "closed-form reference")
+    if device == "cuda":
+        where = f"CUDA: {torch.cuda.get_device_name()}"
+    else:
+        where = ("CPU, no GPU on this machine" + (" (Triton interpreter: timings meaningless)"
+                                                  if A.INTERPRET else ""))
+    print(f"# attention JVP benchmark -- {where}; dtype {dtype}; 'ours' = {backend} path; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {reps}")
+    header = (f"{'shape (B,H,N,D) / model':<28}{'mode':<12}{'method':<12}{'time ms':>10}"
+              f"{'peak MB':>10}{'x flash fwd':>13}{'x naive':>9}")
+    print(header)
+    print("-" * len(header))
+    flash, naive_t = {}, {}
+    rows = []
+    for spec in specs:
+        key = tuple(spec["shape"]) if spec["kind"] == "attn" else "dit"
+        sec, mem, err = measure(spec, device, reps, memory=not args.smoke)
+        if spec["mode"] == "fwd" and spec["method"] == "flash" and sec:
+            flash[key] = sec
+        rows.append((spec, key, sec, mem, err))
+    for spec, key, sec, mem, err in rows:  # naive times first, then print with ratios
+        if spec["method"] == "naive" and sec:
+            naive_t[(key, spec["mode"])] = sec
+    for spec, key, sec, mem, err in rows:
+        label = (str(tuple(spec["shape"])) if spec["kind"] == "attn" else
+                 f"DiT h{spec['cfg']['hidden']} d{spec['cfg']['depth']} "
+                 f"N{(spec['cfg']['input_size'] // spec['cfg']['patch_size']) ** 2} bs{spec['batch']}")
+        t = err or f"{sec * 1e3:.2f}"
+        m = "-" if mem is None else f"{mem:.0f}"
+        rf = f"{sec / flash[key]:.2f}" if sec and key in flash else "-"
+        rn = f"{sec / naive_t[(key, spec['mode'])]:.2f}" if sec and (key, spec["mode"]) in naive_t else "-"
+        print(f"{label:<28}{spec['mode']:<12}{spec['method']:<12}{t:>10}{m:>10}{rf:>13}{rn:>9}")
+    note = ""
+    if device != "cuda":
+        note = ("Triton interpreter run: checks the code path, timings are meaningless."
+                if A.INTERPRET else "CPU figures (reference path), not a GPU measurement.")
+    print("ideal on a GPU: fwd+jvp ~3x flash fwd. " + note)
+
+
+if __name__ == "__main__":
+    main()
