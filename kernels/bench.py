@@ -7,32 +7,30 @@ What is timed (each row one (shape, method)); "ours" = kernels.attention_jvp:
   +bwd(o)        fwd+jvp then backward through o only
   +bwd(o,do)     fwd+jvp then backward through o and do (TVM)
   dit-step       a full DiT training step whose loss uses torch.func.jvp (MeanFlow-style)
-Columns: median time, peak memory above the inputs, time / flash forward of the same shape
+Columns: time (median of the reps on CUDA, best on CPU), peak memory above the inputs, time / flash forward of the same shape
 (ideal forward+JVP is about 3x), and time / the naive torch.func.jvp of the same mode.
 
 On CUDA the shapes are those of KERNEL.md (DiT-XL/2 at 256 px: 256 tokens, 16 heads, D 72;
 long sequences 1k-16k), "ours" is the Triton kernel, memory is torch.cuda peak allocation.
 On CPU (no GPU here) "ours" is the closed-form reference (it materializes P), shapes are small,
-and memory is the growth of the peak resident set of a fresh child process running the case
-once (coarse: allocator effects included). CPU numbers say nothing about GPU performance.
+and memory is the peak size of the tensors allocated while the case runs once, tracked by a
+TorchDispatchMode (tensor data only, no allocator overhead). CPU numbers say nothing about
+GPU performance.
 `--smoke` runs tiny shapes in-process (no memory column); with TRITON_INTERPRET=1 it drives the
 Triton kernels through the interpreter, which checks the CUDA code path end to end (timings
 there are meaningless).
 """
 import argparse
-import json
 import math
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kernels.attention_jvp as A
 
@@ -99,7 +97,9 @@ def dit_fn(method, cfg, batch, device):
     torch.manual_seed(0)
     dit.sdpa = A.sdpa if method == "ours-sdpa" else naive  # the module-level name dit.py calls
     net = dit.DiT(**cfg).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    # lr 0: the step's cost is kept but the weights stay put, so every timed rep sees the same
+    # numbers (with a real lr the du-loss of a random net blows the weights up within a few reps)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
     s_ = cfg["input_size"]
     x = torch.randn(batch, cfg["in_channels"], s_, s_, device=device)
     v = torch.randn_like(x)
@@ -130,7 +130,8 @@ def timeit(run, device, reps):
         run()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    # median on CUDA; the minimum on a shared CPU, where other work only ever adds time
+    return statistics.median(times) if device == "cuda" else min(times)
 
 
 def measure(spec, device, reps, memory):
@@ -145,8 +146,10 @@ def measure(spec, device, reps, memory):
             run()
             sync(device)
             mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-        elif memory:  # fresh child process: peak RSS growth while running the case once
-            mem = cpu_child_memory(spec)
+        elif memory:
+            with PeakTensorMemory() as tracker:
+                run()
+            mem = tracker.peak / 2**20
         return timeit(run, device, reps), mem, None
     except torch.OutOfMemoryError:
         return None, None, "OOM"
@@ -162,19 +165,36 @@ def build(spec, device):
     return dit_fn(spec["method"], spec["cfg"], spec["batch"], device)
 
 
-def cpu_child_memory(spec):
-    out = subprocess.run([sys.executable, "-m", "kernels.bench", "--child", json.dumps(spec)],
-                         capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return float(out.stdout.strip().splitlines()[-1])
+class PeakTensorMemory(TorchDispatchMode):
+    """CPU stand-in for torch.cuda.max_memory_allocated: the peak total size of the tensor
+    storages created inside the context and still alive (freed storages are seen through weak
+    references; PyTorch keeps one Python object per storage)."""
 
+    def __enter__(self):
+        self.cur = self.peak = 0
+        self.live = {}
+        return super().__enter__()
 
-def child(spec):
-    """Child process: build inputs, run once, print the peak-RSS growth in MB."""
-    run = build(spec, "cpu")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    run()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    def _add(self, t):
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live or st.nbytes() == 0:
+            return
+        n = st.nbytes()
+
+        def freed(_, key=key, n=n):
+            self.cur -= n
+            self.live.pop(key, None)
+        self.live[key] = weakref.ref(st, freed)
+        self.cur += n
+        self.peak = max(self.peak, self.cur)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._add(t)
+        return out
 
 
 def plan(device, quick, smoke):
@@ -208,13 +228,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer/smaller shapes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, no memory column")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        return child(json.loads(args.child))
     device = args.device
     warnings.filterwarnings("ignore", category=FutureWarning)
-    reps = args.reps or (2 if args.smoke else 10 if device == "cuda" else 3)
+    reps = args.reps or (2 if args.smoke else 10 if device == "cuda" else 5)
     specs, dtype = plan(device, args.quick, args.smoke)
     backend = ("Triton" if device == "cuda" or A.INTERPRET else "closed-form reference")
     if device == "cuda":
@@ -223,7 +240,8 @@ def main():
         where = ("CPU, no GPU on this machine" + (" (Triton interpreter: timings meaningless)"
                                                   if A.INTERPRET else ""))
     print(f"# attention JVP benchmark -- {where}; dtype {dtype}; 'ours' = {backend} path; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {reps}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'median' if device == 'cuda' else 'best'} of {reps}")
     header = (f"{'shape (B,H,N,D) / model':<28}{'mode':<12}{'method':<12}{'time ms':>10}"
               f"{'peak MB':>10}{'x flash fwd':>13}{'x naive':>9}")
     print(header)

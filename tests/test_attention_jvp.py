@@ -424,3 +424,12 @@ def test_dit_plain_training_step(reference):
     before = [p.detach().clone() for p in net.parameters()]
     torch.optim.SGD(net.parameters(), lr=0.1).step()
     assert any((p - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+
+
+def test_bench_smoke_runs():
+    """`python -m kernels.bench --smoke` prints its table (tiny shapes, reference path)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "kernels.bench", "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CPU, no GPU on this machine" in out.stdout and "dit-step" in out.stdout, out.stdout

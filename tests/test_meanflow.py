@@ -1,0 +1,82 @@
+"""MeanFlow exactness: the loss residual vanishes at the exact average velocity of the mixture
+(closed-form velocity, exact flow map by RK4 in float64) and not away from it."""
+import dataclasses
+
+import pytest
+import torch
+
+from common.data import default_gmm
+from conftest import load_method
+
+mf = load_method("meanflow")
+G = default_gmm()
+NULL = G.num_classes
+
+
+def exact(x_t, t, s, y, steps=60):
+    return G.avg_velocity(x_t, t, s, y, steps=steps)
+
+
+def perturbed(x_t, t, s, y, eps=0.05):
+    return exact(x_t, t, s, y) + eps * torch.tanh(x_t + t[:, None])
+
+
+def batch(n, seed, ratio=0.5, conditional=False):
+    torch.manual_seed(seed)
+    x, y = G.sample(n, torch.Generator().manual_seed(seed))
+    y = y if conditional else torch.full_like(y, NULL)
+    e = torch.randn_like(x)
+    args = mf.Args(ratio=ratio)
+    t, s = mf.sample_ts(n, round(ratio * n), args, "cpu")
+    t, s = t.double(), s.double()
+    return x, y, e, t, s, (1 - t[:, None]) * x + t[:, None] * e
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_residual_vanishes_at_the_exact_solution(conditional):
+    x, y, e, t, s, x_t = batch(600, 0, conditional=conditional)
+    v_star = G.velocity(x_t, t, y)  # the marginal velocity in place of e - x: no sampling noise
+    m = 300
+    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, m)
+    res = (u - u_tgt).pow(2).sum(1)
+    assert res[m:].max() < 1e-6 and res[:m].max() < 1e-12  # ODE error only
+    u, u_tgt = mf.mean_velocity_and_target(perturbed, x_t, t, s, y, v_star, m)
+    res_p = (u - u_tgt).pow(2).sum(1)
+    assert res_p[m:].mean() > 1e-4 and res_p[:m].mean() > 1e-4
+
+
+def test_jvp_target_is_the_total_time_derivative():
+    # du/dt along the flow, by finite differences of the exact map: (u(x_{t+d}, t+d) - u(x_{t-d}, t-d)) / 2d
+    x, y, e, t, s, x_t = batch(50, 1, ratio=1.0)
+    v_star = G.velocity(x_t, t, y)
+    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, 0)
+    d = 1e-4
+    t = t.clamp(max=1 - 2 * d)
+    up = exact(G.flow_map(x_t, t, t + d, y), t + d, s, y)
+    dn = exact(G.flow_map(x_t, t, t - d, y), t - d, s, y)
+    du_dt = (up - dn) / (2 * d)
+    assert torch.allclose(u_tgt, v_star - (t - s)[:, None] * du_dt, atol=1e-4)
+
+
+def test_loss_gradient_vanishes_in_expectation_at_the_exact_solution():
+    # conditional velocity e - x as in training; unweighted loss (norm_p = 0): the adaptive weight
+    # depends on the sampled residual, which moves the stochastic fixed point (see meanflow.py)
+    args = dataclasses.replace(mf.Args(), ratio=0.5, norm_p=0.0, cfg_kappa=0.0)
+    theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    net = lambda x_t, t, s, y: exact(x_t, t.double(), s.double(), y, steps=20) + theta * torch.sin(2 * x_t) * (1 + t[:, None])
+
+    def grads(value, reps=6, n=4000):
+        out = []
+        for r in range(reps):
+            theta.data.fill_(value)
+            x, y = G.sample(n, torch.Generator().manual_seed(100 + r))
+            torch.manual_seed(r)
+            loss, _ = mf.meanflow_loss(net, x, torch.full_like(y, NULL), args, NULL)
+            out.append(torch.autograd.grad(loss, theta)[0].item())
+        out = torch.tensor(out)
+        return out.mean().item(), out.std().item() / len(out) ** 0.5
+
+    g0, se0 = grads(0.0)
+    g1, se1 = grads(0.3)
+    assert abs(g0) < 3 * se0 + 1e-3, (g0, se0)
+    assert g1 > 10 * max(se1, abs(g0)), (g1, se1)
