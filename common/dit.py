@@ -267,3 +267,29 @@ def load_state(path):
             raise ValueError(f"--resume {path}: not a training checkpoint (no 'state' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _unflatten("", tensors, rest)
+
+
+def load_teacher(spec, dataset, info, device="cpu", gmm=None):
+    """The frozen teacher of a distillation method, as `teacher(x_t, t, s, y) -> velocity`, and
+    its network (None for the oracle). `spec`: a checkpoint path, where `{dataset}` is replaced
+    (default `results/fm/{dataset}/model.safetensors`, the fm reference run), or `oracle` for the
+    exact velocity of the `gmm` mixture. Every mismatch is a one-line SystemExit naming --teacher."""
+    if spec == "oracle":
+        if gmm is None:
+            raise SystemExit(f"--teacher oracle: only the gmm data set has an exact velocity, not {dataset}")
+        return (lambda x_t, t, s, y: gmm.velocity(x_t, t, y)), None
+    path = spec.format(dataset=dataset)
+    try:
+        meta = read_meta(path)
+        net = load(path, device=device)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"--teacher {path}: {err}") from None
+    config = meta["config"]
+    if meta.get("dataset", dataset) != dataset:
+        raise SystemExit(f"--teacher {path}: trained on {meta['dataset']}, not on --dataset {dataset}")
+    shape = (config["dim"],) if config["kind"] == "mlp" else (config["in_channels"], config["input_size"], config["input_size"])
+    if tuple(shape) != tuple(info["shape"]) or config["num_classes"] != info["num_classes"]:
+        raise SystemExit(f"--teacher {path}: network for data {shape} with {config['num_classes']} classes, "
+                         f"expected {tuple(info['shape'])} with {info['num_classes']}")
+    net.requires_grad_(False).eval()
+    return net, net

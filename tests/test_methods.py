@@ -126,3 +126,15 @@ def test_boilerplate_identical_across_method_files():
             assert other.get(name) == ref[name], f"methods/{m}.py: block '{name}' differs from methods/fm.py"
         assert generic_args(path) == generic_args(os.path.join(ROOT, "methods", "fm.py")), f"methods/{m}.py: generic Args differ"
         assert len(open(path).read().splitlines()) < 450, f"methods/{m}.py is over 450 lines"
+
+
+def test_readme_results_table_is_regenerated_from_results():
+    proc = run_method(os.path.join(ROOT, "results", "make_table.py"), "--check", check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("```bash\n")[1].split("```")[0].strip().splitlines()
+    assert len(block) == 2 and "pytest" in block[1] and "methods/" in block[0]
+    assert "n==1' README.md | sed -n 2p" in open(os.path.join(ROOT, ".ci", "run")).read()

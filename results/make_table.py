@@ -1,0 +1,46 @@
+"""Regenerates the README's results table from results/<method>/<dataset>/summary.json.
+
+    python results/make_table.py          # rewrite the table between the README markers
+    python results/make_table.py --check  # exit 1 if the README table is stale (used by the tests)
+"""
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def fmt(v, digits=3):
+    return "—" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+
+
+def table():
+    rows = ["| method | data | train steps | metric | 1 step | 2 steps | 4 steps | more steps | s/step | FPE | wall time | hardware | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "*", "*", "summary.json"))):
+        s = json.load(open(path))
+        final = s.get("final", {})
+        metric = next((m for m in ("fid", "fm_err", "ed") if f"{m}@1" in final), None)
+        more = sorted((int(k.split("@")[1]) for k in final if metric and k.startswith(metric + "@") and int(k.split("@")[1]) > 4))
+        hw = s.get("hardware", {})
+        hardware = hw.get("gpu") or f"CPU {hw.get('cpu', '?')} x{hw.get('threads', '?')}"
+        rel = os.path.relpath(os.path.dirname(path), ROOT)
+        rows.append("| " + " | ".join([
+            f"[{s['method']}](methods/{s['method']}.py)", s["dataset"], str(s["steps"]), metric or "—",
+            *(fmt(final.get(f"{metric}@{k}")) for k in (1, 2, 4)),
+            ", ".join(f"{k}: {fmt(final[f'{metric}@{k}'])}" for k in more) or "—",
+            fmt(s.get("sec_per_step")), fmt(s.get("fpe"), 2), f"{s['wall_time_s'] / 60:.1f} min", hardware, f"[{rel}]({rel})"]) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme).read()
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    new = f"{head}{START}\n{table()}\n{END}{tail}"
+    if "--check" in sys.argv:
+        sys.exit(0 if new == text else "README results table is stale: run python results/make_table.py")
+    open(readme, "w").write(new)
