@@ -32,6 +32,18 @@ def test_smoke(method, dataset, tmp_path):
     assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
 
 
+def test_ddp_two_processes(tmp_path):
+    # torchrun with the gloo backend on CPU: the same code path as multi-GPU, JVP included
+    import sys
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env_run = [torchrun, "--nproc_per_node", "2", os.path.join(ROOT, "methods", "meanflow.py")]
+    import subprocess
+    proc = subprocess.run([*env_run, *map(str, TINY), "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "meanflow" / "gmm" / "summary.json").read_text())["steps"] == 4
+
+
 def read_all(path):
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
