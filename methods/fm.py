@@ -193,6 +193,9 @@ if __name__ == "__main__":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
         run_dir = os.path.dirname(ckpt_path)
+    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
+        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another --out-dir / --exp-name")
 
     # ---- data
     loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)

@@ -1,4 +1,5 @@
-"""Regenerates the README's results table from results/<method>/<dataset>/summary.json.
+"""Regenerates the README's results table from results/<method>/<dataset>/summary.json, and
+pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt) into the README.
 
     python results/make_table.py          # rewrite the table between the README markers
     python results/make_table.py --check  # exit 1 if the README table is stale (used by the tests)
@@ -10,6 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCH = os.path.join(ROOT, "results", "attention_jvp", "bench_cpu.txt")  # `python -m kernels.bench > ...`
 
 
 def fmt(v, digits=3):
@@ -41,6 +43,10 @@ if __name__ == "__main__":
     head, rest = text.split(START)
     _, tail = rest.split(END)
     new = f"{head}{START}\n{table()}\n{END}{tail}"
+    if os.path.exists(BENCH):  # the benchmark's own printout, verbatim
+        head, rest = new.split("<!-- bench:start -->")
+        _, tail = rest.split("<!-- bench:end -->")
+        new = f"{head}<!-- bench:start -->\n```\n{open(BENCH).read().strip()}\n```\n<!-- bench:end -->{tail}"
     if "--check" in sys.argv:
         sys.exit(0 if new == text else "README results table is stale: run python results/make_table.py")
     open(readme, "w").write(new)

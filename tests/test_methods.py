@@ -101,6 +101,15 @@ def test_resume_with_another_network_is_refused(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "does not match" in proc.stderr
 
 
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    script = os.path.join(ROOT, "methods", "fm.py")
+    run_method(script, *TINY, "--steps", 2, "--out-dir", tmp_path)
+    before = (tmp_path / "fm" / "gmm" / "ckpt.safetensors").read_bytes()
+    proc = run_method(script, *TINY, "--steps", 2, "--seed", 1, "--out-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "fm" / "gmm" / "ckpt.safetensors").read_bytes() == before
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     script = os.path.join(ROOT, "methods", "fm.py")
     proc = run_method(script, *TINY, "--steps", 50, "--lr", 1e30, "--grad-clip", 0, "--ckpt-every", 1, "--out-dir", tmp_path, check=False)

@@ -1,0 +1,431 @@
+"""Mean Flow Distillation (MFD): a one-step student matched to a flow-matching teacher through
+the average velocities of the teacher and of an auxiliary flow over time intervals [r, t].
+
+Paper: "Mean Flow Distillation: Robust and Stable Distillation for Flow Matching Models", ICML 2026
+(arXiv 2606.11155; seed 004). Official code (PyTorch, SANA 1.6B with LoRA adapters):
+github.com/happyw1nd/MFD, t2i_SANA/scripts/train_sana_mfd.py -- read to check the student loss,
+the time sampling, the auxiliary training, the update ratio and the ODE step; nothing copied.
+
+Idea: VSD / Diff-Instruct push a generated sample along v_fake - v_real at one time t. MFD
+replaces the instantaneous velocities by average velocities over [r, t], obtained by Euler
+rollouts of the auxiliary net v_A (the velocity of the student's own distribution, trained by
+flow matching on its samples, no CFG) and of the frozen teacher v_T (with CFG w). The plain-text
+paper lost its equations; in cleanflow notation (METHODS.md section 6, checked against the code):
+
+    x0 = G(e, 1) = e - net(e, 1, 1, y)                     student, a copy of the teacher
+    t, r = max, min of two time draws;  x_t = (1 - t) x0 + t n   (gradient flows through x0)
+    K = ceil((t - r) / ode_step) per sample, h = (t - r) / K, tau_k = t - k h   (no grad)
+    x_{k+1}^F = x_k^F - h v_F(x_k^F, tau_k),  u_F = (x_t - x_r^F) / (t - r),  F in {A, T}  (eq. 15-16)
+    L_G = mean((u_T - u_A) * x_t),   dL/dx0 = (1 - t)(u_T - u_A) / numel           (eq. 17-20)
+    L_A = mean((v_A(x_s, s) - (n - sg(x0)))^2),  x_s = (1 - s) sg(x0) + s n      (eq. 9, velocity form)
+
+A descent step moves x0 along u_A - u_T = u_fake - u_real (the sign rule of METHODS.md section 0).
+The Jacobian of the ODE solution w.r.t. x_t is dropped on purpose (eq. 18 -> 19, paper B.6): the
+rollouts run under no_grad and u_A, u_T are constants. `ratio` auxiliary updates precede every
+student update (Alg. 1, TTUR). VSD limit: `--ode-step 1` (any step >= t - r) gives K = 1 for
+every pair, u_F = v_F(x_t, t), i.e. the Diff-Instruct / VSD gradient (1 - t)(v_A - v_T) at t =
+max of two draws (the official script reaches it with --r_not_equal_t_ratio 0, r = t: the same).
+Where: sample_tr (times), avg_velocity (eq. 15-16), student_loss (eq. 17-20), aux_loss (eq. 9),
+generate (the student sampler; Alg. 1 is the training loop at the bottom).
+
+Official code over METHODS.md / paper: times uniform by default (the code; LN(-0.4, 1) of paper
+A.3 with --time-dist logit-normal); ratio 9:1 (code default 9 aux + 1 student per cycle; paper
+text "10:1"; the SANA launch script uses blocks of 50 + 20); both losses are means over all
+elements as the code's (the fm teacher sums over dimensions: a constant factor); the auxiliary
+net never sees the null label (the code trains it on the prompt only). Deviations: continuous
+t, r (the code rounds them to 1/1000, SANA's timestep grid); full network copies instead of LoRA
+adapters on a shared base; u_F is computed as the mean of the K Euler velocities, which equals
+(x_t - x_r)/(t - r) exactly but has no cancellation when t - r is tiny; per-sample K in one
+batch (the loop runs max K, each row only its own K steps; the code has batch size 1). One
+training step = `ratio` auxiliary updates + one student update (--steps counts student
+updates). `label_dropout` is unused. With a teacher checkpoint the student and aux copy its
+network (--hidden, --depth ... are ignored); with `--teacher oracle` (gmm) they are fresh nets.
+Multi-step student (`--gen-steps`, the code trains SANA at 4 with gradient through every step)
+and sampling: Euler on the student's velocity, x <- x - (t_k - t_{k+1}) net(x, t_k, t_k, y);
+K = 1 is G(e, 1), larger K are DDIM-like steps of the denoiser G.
+
+Run:        python methods/mfd.py --teacher oracle                    (gmm, exact teacher)
+            python methods/mfd.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4 --aux-lr 1e-4
+Paper / code defaults (SANA): lr 1e-4 (student and aux), batch 1 per GPU x 8, ode_step 0.02
+(0.03 text-to-image), CFG 4.5, AdamW wd 1e-4, grad clip 1. Reference: results/mfd/<dataset>/,
+results/mfd/step_ablation/ (ODE-step trend, paper Table 2), results/mfd/grad_variance/ (Fig. 2).
+"""
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from common.data import make_loader
+from common.dit import DiT, MLP, load_state, load_teacher, save, save_state
+from common.eval import Evaluator, save_grid, time_forward
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (the method file by default)"""
+    seed: int = 0
+    """seed of torch, numpy, random and the data stream"""
+    dataset: str = "gmm"
+    """checkerboard | moons | spirals | 8gaussians | gmm | mnist | cifar10 | imagenet-latent"""
+    data_root: str = "data"
+    """folder of cifar10 (torchvision layout) or of imagenet-latent shards"""
+    download: bool = False
+    """let torchvision download cifar10 into --data-root (needs internet)"""
+    out_dir: str = "runs"
+    """runs are written to <out-dir>/<exp-name>/<dataset>/"""
+    steps: int = 3000
+    """number of training steps"""
+    batch_size: int = 256
+    """batch size per process"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup: int = 0
+    """linear learning-rate warm-up steps"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    ema_decay: float = 0.999
+    """decay of the EMA weights used for evaluation and the saved model"""
+    hidden: int = 256
+    """width of the network (MLP hidden units or DiT hidden size)"""
+    depth: int = 4
+    """number of residual MLP blocks or DiT blocks"""
+    heads: int = 4
+    """DiT attention heads"""
+    patch_size: int = 4
+    """DiT patch size"""
+    qk_norm: bool = False
+    """RMS-normalize queries and keys in the DiT"""
+    dropout: float = 0.0
+    """dropout inside the network"""
+    label_dropout: float = 0.1
+    """probability of replacing a label by the null class (classifier-free guidance)"""
+    log_every: int = 50
+    """write a metrics row every this many steps"""
+    eval_every: int = 1000
+    """evaluate and save a sample grid every this many steps (and at the end)"""
+    eval_samples: int = 2000
+    """samples per evaluation"""
+    eval_steps: tuple[int, ...] = (1, 2, 4)
+    """sampling step counts to evaluate"""
+    ckpt_every: int = 1000
+    """write the training checkpoint every this many steps (and at the end)"""
+    resume: Optional[str] = None
+    """training checkpoint (ckpt.safetensors) or run folder to continue from"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cleanflow"
+    """W&B project"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    # method
+    teacher: str = "results/fm/{dataset}/model.safetensors"
+    """fm checkpoint of the teacher ({dataset} is replaced), or `oracle` for the exact gmm velocity"""
+    teacher_cfg: float = 1.0
+    """teacher guidance w, v_cfg = v_u + w (v_c - v_u) (official SANA: 4.5)"""
+    ode_step: float = 0.02
+    """Euler step of the rollouts over [r, t], K = ceil((t - r) / ode_step); >= 1: K = 1, the VSD limit"""
+    ratio: int = 9
+    """auxiliary-net updates per student update (official code 9; paper text 10)"""
+    aux_lr: float = 1e-3
+    """AdamW learning rate of the auxiliary net (official 1e-4)"""
+    time_dist: str = "uniform"
+    """t, r and auxiliary times: uniform (official code) or logit-normal LN(time_mu, time_sigma) (paper)"""
+    time_mu: float = -0.4
+    """mean of the logit-normal (paper -0.4)"""
+    time_sigma: float = 1.0
+    """std of the logit-normal"""
+    gen_steps: int = 1
+    """Euler steps of the student generator in training (1: G(e, 1); official SANA 4)"""
+
+
+def check_args(args):
+    # ---- checks: a clear one-line error naming the flag
+    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "ckpt_every", "hidden", "depth", "heads", "patch_size"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    for name in ("ema_decay", "label_dropout", "dropout"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
+    if args.lr <= 0 or any(k <= 0 for k in args.eval_steps):
+        raise SystemExit(f"--lr {args.lr} / --eval-steps {args.eval_steps}: expected positive values")
+    if args.time_dist not in ("logit-normal", "uniform"):
+        raise SystemExit(f"--time-dist {args.time_dist}: expected logit-normal or uniform")
+    if not args.ode_step > 0:
+        raise SystemExit(f"--ode-step {args.ode_step}: expected a positive step size (>= 1 gives the VSD limit)")
+    if args.ratio < 1:
+        raise SystemExit(f"--ratio {args.ratio}: expected an integer >= 1 (auxiliary updates per student update)")
+    if args.gen_steps < 1 or args.aux_lr <= 0:
+        raise SystemExit(f"--gen-steps {args.gen_steps} / --aux-lr {args.aux_lr}: expected an integer >= 1 / a positive value")
+
+
+# ---------------------------------------------------------------- ALGO LOGIC
+def sample_t(n, args, device):
+    if args.time_dist == "uniform":
+        return torch.rand(n, device=device)
+    return torch.sigmoid(args.time_mu + args.time_sigma * torch.randn(n, device=device))
+
+
+def sample_tr(n, args, device):
+    """t = max, r = min of two time draws (official sample_t_r with r_not_equal_t_ratio 1)."""
+    a, b = sample_t(2 * n, args, device).chunk(2)
+    return torch.maximum(a, b), torch.minimum(a, b)
+
+
+def velocity(net, x, t, y, null, w):
+    """Guided velocity v_u + w (v_c - v_u) (one batched call)."""
+    if w == 1.0:
+        return net(x, t, t, y)
+    v = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+    v_c, v_u = v.chunk(2)
+    return v_u + w * (v_c - v_u)
+
+
+def generate(net, e, y, steps):
+    """Student sampler: Euler on its velocity from t = 1 to 0; one step is G(e, 1) = e - net(e, 1, 1, y)."""
+    ts = torch.linspace(1, 0, steps + 1, device=e.device)
+    x = e
+    for k in range(steps):
+        x = x - (ts[k] - ts[k + 1]) * net(x, ts[k].expand(len(x)), ts[k].expand(len(x)), y)
+    return x
+
+
+@torch.no_grad()
+def avg_velocity(vel, x_t, t, r, y, step):
+    """Average velocity of `vel(x, tau, y)` over [r, t] from an Euler rollout (eq. 15-16) with
+    K = ceil((t - r) / step) steps of size (t - r) / K per sample. Returns (u, K); u is the mean
+    of the K Euler velocities, i.e. exactly (x_t - x_r) / (t - r)."""
+    dims = [1] * (x_t.dim() - 1)
+    K = torch.ceil((t - r).double() / step).clamp(min=1).long()
+    h = (t - r) / K
+    x, acc = x_t.clone(), torch.zeros_like(x_t)
+    for k in range(int(K.max())):
+        a = (K > k).nonzero().squeeze(1)  # rows whose own rollout is not finished
+        v = vel(x[a], t[a] - k * h[a], y[a])
+        x[a] = x[a] - h[a].view(-1, *dims) * v
+        acc[a] = acc[a] + v
+    return acc / K.max(), K
+
+
+def student_loss(x0, y, teacher_v, aux_v, args):
+    """MFD student loss (eq. 17-20) on generated samples x0 (with grad); teacher_v and aux_v are
+    velocity callables (x, tau, y). Returns (loss, terms)."""
+    dims = [1] * (x0.dim() - 1)
+    t, r = sample_tr(len(x0), args, x0.device)
+    noise = torch.randn_like(x0)
+    x_t = (1 - t.view(-1, *dims)) * x0 + t.view(-1, *dims) * noise
+    u_A, K = avg_velocity(aux_v, x_t.detach(), t, r, y, args.ode_step)
+    u_T, _ = avg_velocity(teacher_v, x_t.detach(), t, r, y, args.ode_step)
+    # Jacobian-free (eq. 19): d loss / d x0 = (1 - t)(u_T - u_A) / numel, so descent moves x0 along u_A - u_T
+    loss = ((u_T - u_A) * x_t).mean()
+    gap = (u_A - u_T).pow(2).flatten(1).sum(1).mean()
+    return loss, {"loss": loss.item(), "gap": gap.item(), "ode_k": K.float().mean().item()}
+
+
+def aux_loss(aux, x0, y, args):
+    """Flow matching of the auxiliary net on sg(x0), labels only, no CFG (eq. 9 as a velocity loss)."""
+    x0 = x0.detach()
+    dims = [1] * (x0.dim() - 1)
+    noise = torch.randn_like(x0)
+    t = sample_t(len(x0), args, x0.device)
+    x_t = (1 - t.view(-1, *dims)) * x0 + t.view(-1, *dims) * noise
+    return ((aux(x_t, t, t, y) - (noise - x0)) ** 2).mean()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+
+    # ---- seeding, device, distributed
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    run_dir = os.path.join(args.out_dir, args.exp_name, args.dataset)
+    if args.resume:
+        ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
+        run_dir = os.path.dirname(ckpt_path)
+
+    # ---- data
+    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)
+    info = loader.info
+    null = info["num_classes"]  # the null label id; unconditional data only ever uses it
+
+    # ---- model
+    def make_net(n_cond=0):
+        if info["kind"] == "vector":
+            return MLP(info["shape"][0], args.hidden, args.depth, info["num_classes"], n_cond, args.dropout)
+        return DiT(info["shape"][1], args.patch_size, info["shape"][0], args.hidden, args.depth, args.heads, 4.0,
+                   info["num_classes"], n_cond, args.qk_norm, args.dropout)
+
+    teacher_net, teacher = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
+    net = (copy.deepcopy(teacher).requires_grad_(True).train() if teacher is not None else make_net()).to(device)
+    aux = copy.deepcopy(net)  # the student's flow; starts at the teacher (or at the fresh student)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    opt_aux = torch.optim.AdamW(aux.parameters(), lr=args.aux_lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    teacher_v = lambda x, t, y: velocity(teacher_net, x, t, y, null, args.teacher_cfg)
+    aux_v = lambda x, t, y: aux(x, t, t, y)
+    sample_fn = torch.no_grad()(lambda e, y, k: generate(ema, e.to(device), y.to(device), k))
+    saved = {"net": net, "ema": ema, "opt": opt, "aux": aux, "opt_aux": opt_aux}  # what a checkpoint holds besides data/RNG state
+    step = 0
+
+    # ---- resume
+    if args.resume:
+        state = load_state(ckpt_path)
+        if state["config"] != net.config:
+            raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
+        for k, m in saved.items():
+            m.load_state_dict(state[k])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        step = state["step"]
+    ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+
+    # ---- logging
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.join(run_dir, "metrics.jsonl")
+    if rank == 0:
+        rows = [json.loads(r) for r in open(log_path)] if args.resume and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:  # on resume keep only the rows up to the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        writer = None
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=asdict(args))
+
+    def log(row):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if writer is not None and k != "step":
+                writer.add_scalar(k, v, row["step"])
+        if args.track:
+            wandb.log(row, step=row["step"])
+
+    # ---- evaluation
+    evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
+
+    def evaluate(final=False):
+        metrics = evaluator(sample_fn, args.eval_steps)
+        save_grid(sample_fn, loader, args.eval_steps, os.path.join(run_dir, "samples.png" if final else f"samples_{step:07d}.png"), args.seed)
+        return metrics
+
+    # ---- checkpoint
+    def checkpoint():
+        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
+                    "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
+                   os.path.join(run_dir, "ckpt.safetensors"))
+        save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
+
+    # ---- cost: one forward pass of the same network on a training batch
+    x0, y0 = loader.sample(args.batch_size, torch.Generator().manual_seed(args.seed))
+    fwd_time = time_forward(net, x0.to(device), y0.to(device))
+
+    # ---- training loop
+    ddp_aux = torch.nn.parallel.DistributedDataParallel(aux) if world > 1 else aux
+    start, step_times, last = time.time(), [], {}
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    while step < args.steps:
+        tic = time.perf_counter()
+        warm = min(1.0, (step + 1) / max(args.warmup, 1))
+        for o, lr in ((opt, args.lr), (opt_aux, args.aux_lr)):
+            for g in o.param_groups:
+                g["lr"] = lr * warm
+        net.train()
+        aux.train()
+        # `ratio` auxiliary updates on fresh samples of the current student (Alg. 1)
+        _, y_a = loader.sample(args.ratio * args.batch_size)
+        with torch.no_grad():
+            x_a = generate(net, torch.randn(len(y_a), *info["shape"], device=device), y_a.to(device), args.gen_steps)
+        for x_i, y_i in zip(x_a.chunk(args.ratio), y_a.to(device).chunk(args.ratio)):
+            loss_aux = aux_loss(ddp_aux, x_i, y_i, args)
+            opt_aux.zero_grad(set_to_none=True)
+            loss_aux.backward()
+            gnorm_aux = torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+            opt_aux.step()
+        # one student update
+        _, y = next(loader)
+        y = y.to(device)
+        x0 = generate(ddp_net, torch.randn(len(y), *info["shape"], device=device), y, args.gen_steps)
+        loss, terms = student_loss(x0, y, teacher_v, aux_v, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        terms.update(aux_loss=loss_aux.item(), aux_grad_norm=gnorm_aux.item(), grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
+        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
+            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
+        opt.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - args.ema_decay)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+        # ---- log, evaluate, checkpoint (every method file ends its step with this block)
+        step_times.append(time.perf_counter() - tic)
+        step += 1
+        bar.update(1)
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            sec = float(np.median(step_times[-args.log_every:]))
+            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
+            log(last)
+        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                metrics = evaluate(final=step == args.steps)
+            log({"step": step, **metrics})
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            checkpoint()
+    bar.close()
+
+    # ---- summary
+    if rank == 0:
+        summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
+                   "wall_time_s": time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
+                   "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
+                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
+                   "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
+                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                   "command": " ".join(sys.argv)}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
+    if world > 1:
+        torch.distributed.destroy_process_group()

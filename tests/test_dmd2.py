@@ -1,0 +1,143 @@
+"""DMD2: the sign of the distribution-matching gradient on a two-Gaussian toy with exact
+velocities, its fixed point, smoke runs (gmm oracle teacher, tiny mnist teacher, GAN and
+backward simulation on), exact resume with the two time-scale rule, and bad input."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from common.data import GMM
+from common.dit import DiT, MLP, save
+from common.eval import energy_distance
+from conftest import ROOT, load_method, run_method
+from test_methods import TINY, TINY_IMG, read_all
+
+dmd2 = load_method("dmd2")
+SCRIPT = os.path.join(ROOT, "methods", "dmd2.py")
+TOY = GMM([[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], [1, 1])
+NULL = TOY.num_classes
+SHIFT = torch.tensor([0.8, 0.6])
+
+
+def oracle(gmm):
+    return lambda x_t, t, s, y: gmm.velocity(x_t, t, y)
+
+
+def shifted(delta):
+    return GMM(TOY.means + delta.double(), TOY.sigmas, TOY.weights)
+
+
+def dm_step(x0, fake_gmm, seed, lr=0.5, cfg=1.0):
+    """One generator update with x0 itself as the (fully flexible) generator output; returns the
+    gradient on x0 (rescaled to `grad` per sample) and the updated samples."""
+    torch.manual_seed(seed)
+    x0 = x0.clone().requires_grad_(True)
+    args = dataclasses.replace(dmd2.Args(), teacher_cfg=cfg)
+    loss, _ = dmd2.dm_loss(x0, torch.full((len(x0),), NULL), oracle(TOY), oracle(fake_gmm), NULL, args)
+    (g,) = torch.autograd.grad(loss, x0)
+    g = g * x0.numel()  # the loss is a mean: undo it to get `grad` per sample
+    return g, (x0 - lr * g).detach()
+
+
+def test_sign_one_update_moves_samples_toward_the_teacher():
+    gen = shifted(SHIFT)
+    x0, _ = gen.sample(4000, torch.Generator().manual_seed(0))
+    x0 = x0.float()
+    g, x1 = dm_step(x0, gen, seed=1)
+    real = TOY.sample(4000, torch.Generator().manual_seed(2))[0].float()
+    assert energy_distance(x1, real) < 0.8 * energy_distance(x0, real)
+    assert (x1.mean(0) - x0.mean(0)) @ SHIFT < 0  # back along -shift
+
+
+def test_fixed_point_gradient_vanishes_only_at_the_teacher_distribution():
+    def mean_grad(delta, reps=4):
+        out = []
+        for r in range(reps):
+            x0 = shifted(delta).sample(20000, torch.Generator().manual_seed(10 + r))[0].float()
+            out.append(dm_step(x0, shifted(delta), seed=r)[0].mean(0))
+        return torch.stack(out)
+
+    at = mean_grad(torch.zeros(2))  # generator = teacher law, fake velocity = its exact velocity
+    off = mean_grad(SHIFT)
+    assert at.abs().max() < 1e-5, at
+    se = off.std(0) / len(off) ** 0.5
+    assert (off.mean(0) @ SHIFT) > 0 and (off.mean(0).abs() > 10 * se).all(), (off, se)
+
+
+def test_teacher_guidance_is_applied():
+    # with CFG w != 1 the teacher sees v_u + w (v_c - v_u); for unconditional rows (y = null) it is v_u
+    x0 = TOY.sample(500, torch.Generator().manual_seed(3))[0].float()
+    g1, _ = dm_step(x0, TOY, seed=4, cfg=1.0)
+    g3, _ = dm_step(x0, TOY, seed=4, cfg=3.0)
+    assert torch.equal(g1, g3)
+    y = torch.zeros(500, dtype=torch.long)  # conditional on component 0: the guided target differs
+    v = dmd2.guided(oracle(TOY), x0, torch.full((500,), 0.5), y, NULL, 3.0)
+    assert not torch.allclose(v, TOY.velocity(x0, 0.5, y))
+
+
+def test_backward_simulation_chain():
+    net = lambda x_t, t, s, y: 0.5 * x_t  # G(x_t, t) = (1 - t / 2) x_t
+    e = torch.randn(8, 2)
+    torch.manual_seed(0)
+    x0 = dmd2.generate(net, e, torch.zeros(8, dtype=torch.long), 0, 4)
+    assert torch.allclose(x0, 0.5 * e)
+    torch.manual_seed(0)
+    x0 = dmd2.generate(net, e, torch.zeros(8, dtype=torch.long), 1, 4)
+    torch.manual_seed(0)
+    x = 0.25 * (0.5 * e) + 0.75 * torch.randn(8, 2)  # re-noised to t = 0.75, then G(x, 0.75)
+    assert torch.allclose(x0, (1 - 0.375) * x)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
+    torch.manual_seed(0)
+    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
+    return path
+
+
+@pytest.mark.parametrize("dataset", ["gmm", "mnist"])
+def test_smoke(dataset, tiny_teacher, tmp_path):
+    extra = [*TINY_IMG, "--teacher", tiny_teacher, "--gan-weight", 3e-3, "--backsim-steps", 2] if dataset == "mnist" else ["--teacher", "oracle"]
+    run_method(SCRIPT, *TINY, *extra, "--ttur", 2, "--dataset", dataset, "--out-dir", tmp_path)
+    run = tmp_path / "dmd2" / dataset
+    summary = json.loads((run / "summary.json").read_text())
+    key = "fid@1" if dataset == "mnist" else "fm_err@1"
+    assert summary["steps"] == 4 and all(k in summary["final"] for k in [key, "loss", "fake_loss", "grad_norm", "sec_per_step"])
+    assert (run / "samples.png").stat().st_size > 1000
+    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} >= {"net", "ema", "opt", "fake", "disc", "opt_fake"}
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--ttur", 3,
+              "--gan-weight", 3e-3, "--backsim-steps", 2]
+    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "a")
+    run_method(SCRIPT, *common, "--steps", 3, "--out-dir", tmp_path / "b")
+    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "dmd2" / "gmm")
+    a, b = read_all(tmp_path / "a" / "dmd2" / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / "dmd2" / "gmm" / "ckpt.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = lambda d: {r["step"]: r for r in map(json.loads, (d / "dmd2" / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in ("loss", "fake_loss", "gan_g", "gan_d"))
+
+
+def bad_teachers(tmp):
+    other = tmp / "other.safetensors"
+    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(other), dataset="mnist")
+    shape = tmp / "shape.safetensors"
+    save(MLP(3, 16, 1, 6), str(shape), dataset="gmm")
+    return [(["--teacher", tmp / "missing.safetensors"], "no such file"), (["--teacher", other], "trained on mnist"),
+            (["--teacher", shape], "network for data (3,)"), (["--dataset", "moons", "--teacher", "oracle"], "--teacher oracle")]
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    cases = [(["--ttur", 0], "--ttur 0"), (["--backsim-steps", 0], "--backsim-steps 0"), (["--t-min", 0.5, "--t-max", 0.2], "--t-min 0.5"),
+             (["--gan-weight", -1], "--gan-weight -1")] + bad_teachers(tmp_path)
+    for flags, needle in cases:
+        proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
+        assert needle in proc.stderr.strip().splitlines()[-1], (flags, proc.stderr[-500:])
