@@ -233,5 +233,5 @@ def save_grid(sample_fn, loader, steps, path, seed=0, n=None):
             ax.set_title(f"{k} step{'s' * (k > 1)}")
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -220,7 +220,7 @@ def avg_velocity(vel, x_t, t, r, y, step):
         v = vel(x[a], t[a] - k * h[a], y[a])
         x[a] = x[a] - h[a].view(-1, *dims) * v
         acc[a] = acc[a] + v
-    return acc / K.max(), K
+    return acc / K.view(-1, *dims), K
 
 
 def student_loss(x0, y, teacher_v, aux_v, args):

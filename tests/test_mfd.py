@@ -81,6 +81,25 @@ def test_one_update_moves_samples_toward_the_teacher(step):
     assert terms["gap"] > 0.1
 
 
+@pytest.mark.parametrize("step", [0.05, 1.0])
+def test_student_gradient_is_jacobian_free(step):
+    # dL/dx0 = (1 - t)(u_T - u_A) / numel at x_t = (1 - t) x0 + t n: no gradient through the rollouts
+    x0 = G.sample(64, torch.Generator().manual_seed(4))[0].requires_grad_(True)
+    y = torch.full((64,), NULL)
+    aux = GMM(G.means * 0.8, G.sigmas, G.weights)
+    args = mfd.Args(ode_step=step, time_dist="logit-normal")
+    torch.manual_seed(5)
+    loss, _ = mfd.student_loss(x0, y, oracle(G), oracle(aux), args)
+    (g,) = torch.autograd.grad(loss, x0)
+    torch.manual_seed(5)
+    t, r = mfd.sample_tr(64, args, "cpu")
+    x_t = (1 - t[:, None]) * x0.detach() + t[:, None] * torch.randn(64, 2, dtype=torch.float64)
+    u_T = G.avg_velocity(x_t, t, r, y, steps=200) if step < 1 else G.velocity(x_t, t, y)
+    u_A = aux.avg_velocity(x_t, t, r, y, steps=200) if step < 1 else aux.velocity(x_t, t, y)
+    want = (1 - t[:, None]) * (u_T - u_A) / x0.numel()
+    assert torch.allclose(g, want, atol=0.05 * want.abs().max()), (g - want).abs().max() / want.abs().max()
+
+
 def shifted(theta):
     """The default mixture shifted by theta: the exact law of the generator x0 = x + theta."""
     return GMM(G.means + theta.detach(), G.sigmas, G.weights)
