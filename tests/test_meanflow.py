@@ -80,3 +80,25 @@ def test_loss_gradient_vanishes_in_expectation_at_the_exact_solution():
     g1, se1 = grads(0.3)
     assert abs(g0) < 3 * se0 + 1e-3, (g0, se0)
     assert g1 > 10 * max(se1, abs(g0)), (g1, se1)
+
+
+def test_training_guidance_target():
+    # v_g = w v + k v_c + (1 - w - k) v_u inside [t_min, t_max]; v outside and for dropped labels
+    args = dataclasses.replace(mf.Args(), cfg_omega=1.5, cfg_kappa=0.25, cfg_t_min=0.2, cfg_t_max=0.8)
+    n = 400
+    x, y = G.sample(n, torch.Generator().manual_seed(5))
+    y[:50] = NULL
+    t = torch.rand(n, dtype=torch.float64)
+    x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn_like(x)
+    v = torch.randn_like(x)
+    oracle = lambda x_t, t, s, y: G.velocity(x_t, t, y)
+    v_g = mf.guided_velocity(oracle, x_t, t, v, y, NULL, args)
+    v_c, v_u = G.velocity(x_t, t, y), G.velocity(x_t, t)
+    inside = ((t >= 0.2) & (t <= 0.8))[:, None] & (y != NULL)[:, None]
+    want = torch.where(inside, 1.5 * v + 0.25 * v_c + (1 - 1.5 - 0.25) * v_u, v)
+    assert torch.allclose(v_g, want) and inside.any() and (~inside).any()
+    # k = 0 needs no conditional pass and w = 1, k = 0 is no guidance at all
+    args0 = dataclasses.replace(args, cfg_kappa=0.0)
+    v_g0 = mf.guided_velocity(oracle, x_t, t, v, y, NULL, args0)
+    assert torch.allclose(v_g0, torch.where(inside, 1.5 * v - 0.5 * v_u, v))
+    assert torch.equal(mf.guided_velocity(oracle, x_t, t, v, y, NULL, dataclasses.replace(args0, cfg_omega=1.0)), v)
