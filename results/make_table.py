@@ -12,6 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH = os.path.join(ROOT, "results", "attention_jvp", "bench_cpu.txt")  # `python -m kernels.bench > ...`
+COST = os.path.join(ROOT, "results", "cost", "cost.md")  # results/cost/measure.sh, then table.py
 
 
 def fmt(v, digits=3):
@@ -43,10 +44,13 @@ if __name__ == "__main__":
     head, rest = text.split(START)
     _, tail = rest.split(END)
     new = f"{head}{START}\n{table()}\n{END}{tail}"
-    if os.path.exists(BENCH):  # the benchmark's own printout, verbatim
-        head, rest = new.split("<!-- bench:start -->")
-        _, tail = rest.split("<!-- bench:end -->")
-        new = f"{head}<!-- bench:start -->\n```\n{open(BENCH).read().strip()}\n```\n<!-- bench:end -->{tail}"
+    for name, path, fence in [("bench", BENCH, True), ("cost", COST, False)]:  # pasted verbatim
+        if os.path.exists(path) and f"<!-- {name}:start -->" in new:
+            head, rest = new.split(f"<!-- {name}:start -->")
+            _, tail = rest.split(f"<!-- {name}:end -->")
+            body = open(path).read().strip()
+            body = f"```\n{body}\n```" if fence else body
+            new = f"{head}<!-- {name}:start -->\n{body}\n<!-- {name}:end -->{tail}"
     if "--check" in sys.argv:
         sys.exit(0 if new == text else "README results table is stale: run python results/make_table.py")
     open(readme, "w").write(new)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from common.data import GMM, default_gmm
-from common.dit import DiT, MLP, save
+from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
 from conftest import ROOT, load_method, run_method
 
@@ -183,9 +183,10 @@ def test_bad_input_gets_one_line(tmp_path):
     cases = [(["--ode-step", 0], "--ode-step 0"),
              (["--teacher", tmp_path / "none.safetensors"], "no such file"),
              (["--teacher", tmp_path / "gmm.safetensors", "--dataset", "mnist"], "trained on gmm"),
-             (["--teacher", tmp_path / "wide.safetensors"], "expected (2,)"),
-             (["--teacher", "oracle", "--dataset", "moons"], "--teacher oracle")]
+             (["--teacher", tmp_path / "wide.safetensors"], "expected (2,)")]
     for flags, needle in cases:
         proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
+    with pytest.raises(SystemExit, match="--teacher oracle: only the gmm"):
+        load_teacher("oracle", "moons", {"shape": (2,), "num_classes": 0})

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Cost of one training step in forward-pass equivalents (FPE), measured on this machine:
+# MeanFlow with the JVP only on the s != t rows (our default, ratio 0.25), on the whole batch
+# (ratio 1: the JVP where it is not needed too), without any JVP (ratio 0: flow matching in
+# MeanFlow's clothes), and with the paper's training guidance (k 0.5: two extra forward passes);
+# fm as the plain-training baseline (Dieleman's table: 3 FPE). Same DiT and batch as the mnist
+# reference runs. Then: python results/cost/table.py > results/cost/cost.md
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+NET="--dataset mnist --batch-size 64 --hidden 128 --depth 4 --heads 4 --patch-size 4 --steps ${STEPS:-60} --log-every 20 --eval-every 100000 --eval-samples 100 --eval-steps 1"
+rm -rf results/cost/runs
+python methods/fm.py $NET --out-dir results/cost/runs/fm
+for v in "ratio0.25:--ratio 0.25" "ratio1:--ratio 1.0" "ratio0:--ratio 0.0" "ratio0.25-cfg:--ratio 0.25 --cfg-kappa 0.5"; do
+  python methods/meanflow.py $NET ${v#*:} --out-dir results/cost/runs/meanflow-${v%%:*}
+done

@@ -1,0 +1,150 @@
+"""FSF-DMD: the generator-induced fake velocity on the exact flow map of a two-Gaussian toy (the
+endpoint identity, flow-map-consistent simulation, the sign and the fixed-point behaviour of
+L_FSF), L_CD at the exact map, smoke runs (oracle, tiny mnist teacher, self-teacher), exact
+resume, bad input, and what the diff against dmd2.py removes."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from common.data import GMM
+from common.dit import DiT, save
+from common.eval import energy_distance
+from conftest import ROOT, load_method, run_method
+from test_methods import TINY, TINY_IMG, read_all
+
+fsf = load_method("fsf_dmd")
+SCRIPT = os.path.join(ROOT, "methods", "fsf_dmd.py")
+TOY = GMM([[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], [1, 1])
+NULL = TOY.num_classes
+SHIFT = torch.tensor([0.8, 0.6], dtype=torch.float64)
+teacher = lambda x_t, t, s, y: TOY.velocity(x_t, t, y)
+
+
+def shifted(delta):
+    return GMM(TOY.means + delta, TOY.sigmas, TOY.weights)
+
+
+def exact_map(gmm, steps=30):
+    return lambda x_t, t, s, y: gmm.avg_velocity(x_t, t, s, y, steps=steps)
+
+
+def dm_grad(delta, n, seed):
+    """grad of L_FSF per sample for a generator that is the exact flow map of the toy shifted by delta
+    (samples x0 as the leaf) with its EMA equal to it."""
+    gen = shifted(delta)
+    x0 = gen.sample(n, torch.Generator().manual_seed(seed))[0].float().requires_grad_(True)
+    torch.manual_seed(seed)
+    loss, _ = fsf.dm_loss(x0, torch.full((n,), NULL), teacher, exact_map(gen), NULL, fsf.Args())
+    return torch.autograd.grad(loss, x0)[0] * n, x0.detach()
+
+
+def test_endpoint_pseudo_velocity_and_flow_map_simulation():
+    y = torch.full((400,), NULL)
+    x0, _ = TOY.sample(400, torch.Generator().manual_seed(0))
+    t = torch.rand(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.9 + 0.05
+    x_t = TOY.flow_map(x0, torch.zeros(400, dtype=torch.float64), t, y, steps=100)  # PF-ODE coupling x_t = f*(x0, 0, t)
+    u = exact_map(TOY, 100)(x_t, t, torch.zeros_like(t), y)  # what dm_loss uses as v_fake
+    assert torch.allclose(u, (x_t - TOY.flow_map(x_t, t, 0.0, y, steps=100)) / t[:, None], atol=1e-10)
+    assert torch.allclose(x_t - t[:, None] * u, x0, atol=1e-5)  # the posterior collapses to the generating x0 (eq. 43-44)
+    e = torch.randn(400, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact_end = TOY.flow_map(e, 1.0, 0.0, y, steps=100)
+    for m in (1, 2, 4):  # semigroup: M flow-map jumps of the exact map land on the exact ODE endpoint
+        assert (fsf.generate(exact_map(TOY, 100), e, y, m) - exact_end).abs().max() < 1e-5
+
+
+def test_sign_one_update_moves_samples_toward_the_teacher():
+    g, x0 = dm_grad(SHIFT, 4000, 0)
+    x1 = x0 - 0.3 * g
+    real = TOY.sample(4000, torch.Generator().manual_seed(5))[0].float()
+    assert energy_distance(x1, real) < 0.8 * energy_distance(x0, real)
+    assert (x1.mean(0) - x0.mean(0)) @ SHIFT.float() < 0
+
+
+def test_dm_term_at_the_exact_solution():
+    # exact generator and exact fake surrogate: the mean (translation) part of the gradient vanishes up to
+    # Monte-Carlo error, but not the per-sample field: E[x | x_t] is blurrier than the ODE endpoint
+    # f*(x_t, t, 0), so the samples are pulled toward the data mean (a documented finding); a shifted
+    # generator gets a restoring mean gradient.
+    at = [dm_grad(torch.zeros(2, dtype=torch.float64), 6000, s) for s in range(3)]
+    mean = torch.stack([g.mean(0) for g, _ in at])
+    se = torch.stack([g.std(0) / len(g) ** 0.5 for g, _ in at]).mean(0) / len(at) ** 0.5
+    assert (mean.mean(0).abs() < 4 * se).all(), (mean, se)
+    radial = torch.tensor([(g * (x - x.mean(0))).sum(1).mean() for g, x in at])
+    assert (radial > 0.5).all(), radial  # x -= lr grad contracts toward the mean
+    off = torch.stack([dm_grad(SHIFT, 6000, s)[0].mean(0) for s in range(3)]).mean(0)
+    assert off @ SHIFT.float() > 0 and (off.abs() > 20 * se).all(), (off, se)
+
+
+def test_cd_loss_vanishes_at_the_exact_map():
+    x = TOY.sample(128, torch.Generator().manual_seed(3))[0]
+    y = torch.full((128,), NULL)
+    args = dataclasses.replace(fsf.Args(), diag_ratio=0.25)
+    torch.manual_seed(0)
+    loss, _ = fsf.cd_loss(exact_map(TOY, 20), teacher, x, y, NULL, 1.0, args)  # r = 1: the MeanFlow identity
+    wrong = lambda x_t, t, s, y: exact_map(TOY, 20)(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (t - s)[:, None]
+    torch.manual_seed(0)
+    loss_p, _ = fsf.cd_loss(wrong, teacher, x, y, NULL, 1.0, args)
+    assert loss < 1e-6 and loss_p > 1e-2, (loss, loss_p)
+
+
+def test_the_fake_network_is_gone():
+    dmd2, text = open(os.path.join(ROOT, "methods", "dmd2.py")).read(), open(SCRIPT).read()
+    assert "opt_fake" in dmd2 and "fake_loss" in dmd2 and "ttur" in dmd2
+    assert all(w not in text for w in ("opt_fake", "fake_loss(", "args.ttur", "disc"))
+    assert "dm_loss(x0, y, teacher, ema, null, args)" in text  # ... replaced by the EMA generator
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
+    torch.manual_seed(0)
+    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
+    return path
+
+
+def check_run(run, key):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] in (4, 6) and all(k in summary["final"] for k in [key, "loss", "loss_cd", "loss_dm", "grad_norm"])
+    assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
+    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} == {"net", "ema", "opt", "config", "loader", "rng", "step", "rng_cuda"}
+
+
+def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):
+    run_method(SCRIPT, *TINY, *TINY_IMG, "--teacher", tiny_teacher, "--teacher-cfg", 2.0, "--dataset", "mnist", "--out-dir", tmp_path)
+    check_run(tmp_path / "fsf_dmd" / "mnist", "fid@1")
+    run_method(SCRIPT, *TINY, "--teacher", "self", "--sim-steps", 1, "--shift", 1, "--out-dir", tmp_path / "self")
+    check_run(tmp_path / "self" / "fsf_dmd" / "gmm", "fm_err@1")
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--teacher-cfg", 1.5]
+    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "a")
+    check_run(tmp_path / "a" / "fsf_dmd" / "gmm", "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
+    run_method(SCRIPT, *common, "--steps", 3, "--out-dir", tmp_path / "b")
+    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "fsf_dmd" / "gmm")
+    a, b = read_all(tmp_path / "a" / "fsf_dmd" / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / "fsf_dmd" / "gmm" / "ckpt.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = lambda d: {r["step"]: r for r in map(json.loads, (d / "fsf_dmd" / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in ("loss", "loss_cd", "loss_dm"))
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    for flags, needle in [(["--sim-steps", 0], "--sim-steps 0"), (["--teacher", tmp_path / "missing.safetensors"], "no such file")]:
+        proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
+        assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("field,value,needle", [("sim_steps", -1, "--sim-steps -1"), ("tangent_warmup", 0, "--tangent-warmup 0"),
+                                                ("diag_ratio", 1.5, "--diag-ratio 1.5"), ("shift", 0.0, "--shift 0.0"),
+                                                ("cfg_t_max", 1.2, "--cfg-t-max 1.2"), ("dm_weight", -0.1, "--dm-weight -0.1")])
+def test_bad_flags(field, value, needle):
+    with pytest.raises(SystemExit) as err:
+        fsf.check_args(dataclasses.replace(fsf.Args(), **{field: value}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
