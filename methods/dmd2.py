@@ -26,7 +26,8 @@ t ~ U(0, gan_t_max); the fake side adds gan_d_weight (softplus(D(sg x0)) + softp
 and the generator gan_weight softplus(-D(x0)), through the frozen-for-that-turn fake net.
 Backward simulation (DMD2 sec. 4.5): with backsim_steps K > 1 the generator runs k ~ U{0..K-1}
 steps on t_j = linspace(1, 0, K + 1) without grad (x0 = G(x, t_j), re-noised to t_{j+1} with fresh
-noise) and is trained on G(x, t_k); sampling with K steps is the same chain.
+noise) and is trained on G(x, t_k); sampling with K steps is the same chain. Its fresh noise makes
+fm_err@K (distance to the exact ODE endpoint of the same noise) meaningless for K > 1: read ed@K.
 
 Deviations, all stated: the official EDM code samples noise levels uniformly over a Karras grid
 index in [2%, 98%] and trains the fake net by x0-regression with Karras weights; here the linear
@@ -36,9 +37,9 @@ the U-Net bottleneck). Official ImageNet-64 values: ttur 5, gan_weight 3e-3, gan
 same lr for both optimizers; we keep ttur 5 and default the GAN off on CPU.
 
 Run:        python methods/dmd2.py                      (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/dmd2.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4
+            python methods/dmd2.py --dataset mnist --steps 400 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --teacher T
             python methods/dmd2.py --teacher oracle     (gmm with the exact velocity as teacher)
-Reference:  results/dmd2/<dataset>/
+Reference:  results/dmd2/<dataset>/ (mnist: T = results/dmd2/mnist/teacher_fm_step2000.safetensors, its eval_teacher.py)
 """
 import copy
 import json
@@ -257,6 +258,9 @@ if __name__ == "__main__":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
         run_dir = os.path.dirname(ckpt_path)
+    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
+        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another --out-dir / --exp-name")
 
     # ---- data
     loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)

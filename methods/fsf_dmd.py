@@ -39,9 +39,9 @@ exact solution (the exact map is not its fixed point): E[x | x_t] differs from t
 f*(x_t, t, 0), and the difference contracts the samples (mode seeking); only its mean part vanishes.
 
 Run:        python methods/fsf_dmd.py                   (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/fsf_dmd.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4
+            python methods/fsf_dmd.py --dataset mnist --steps 200 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --tangent-warmup 100 --teacher T
             python methods/fsf_dmd.py --teacher self --sim-steps 1 --shift 1 --dm-weight 0.01   (from scratch)
-Reference:  results/fsf_dmd/<dataset>/, efficiency vs DMD2 in results/fsf_dmd/efficiency/
+Reference:  results/fsf_dmd/<dataset>/ (mnist: T as in dmd2.py), efficiency vs DMD2 in results/fsf_dmd/efficiency/
 """
 import copy
 import json
@@ -284,6 +284,9 @@ if __name__ == "__main__":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
         run_dir = os.path.dirname(ckpt_path)
+    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
+        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another --out-dir / --exp-name")
 
     # ---- data
     loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)

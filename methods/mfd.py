@@ -45,7 +45,7 @@ and sampling: Euler on the student's velocity, x <- x - (t_k - t_{k+1}) net(x, t
 K = 1 is G(e, 1), larger K are DDIM-like steps of the denoiser G.
 
 Run:        python methods/mfd.py --teacher oracle                    (gmm, exact teacher)
-            python methods/mfd.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4 --aux-lr 1e-4
+            python methods/mfd.py --dataset mnist --steps 150 --batch-size 32 --lr 1e-4 --aux-lr 5e-4 --ema-decay 0.99
 Paper / code defaults (SANA): lr 1e-4 (student and aux), batch 1 per GPU x 8, ode_step 0.02
 (0.03 text-to-image), CFG 4.5, AdamW wd 1e-4, grad clip 1. Reference: results/mfd/<dataset>/,
 results/mfd/step_ablation/ (ODE-step trend, paper Table 2), results/mfd/grad_variance/ (Fig. 2).
@@ -269,6 +269,9 @@ if __name__ == "__main__":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
         run_dir = os.path.dirname(ckpt_path)
+    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
+        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another --out-dir / --exp-name")
 
     # ---- data
     loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)

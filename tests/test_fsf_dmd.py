@@ -87,7 +87,7 @@ def test_cd_loss_vanishes_at_the_exact_map():
     wrong = lambda x_t, t, s, y: exact_map(TOY, 20)(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (t - s)[:, None]
     torch.manual_seed(0)
     loss_p, _ = fsf.cd_loss(wrong, teacher, x, y, NULL, 1.0, args)
-    assert loss < 1e-6 and loss_p > 1e-2, (loss, loss_p)
+    assert loss < 1e-5 and loss_p > 1e-2, (loss, loss_p)
 
 
 def test_the_fake_network_is_gone():
@@ -109,7 +109,7 @@ def check_run(run, key):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] in (4, 6) and all(k in summary["final"] for k in [key, "loss", "loss_cd", "loss_dm", "grad_norm"])
     assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
-    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} == {"net", "ema", "opt", "config", "loader", "rng", "step", "rng_cuda"}
+    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} == {"net", "ema", "opt", "loader", "rng", "rng_cuda"}  # no fake, no opt_fake
 
 
 def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):

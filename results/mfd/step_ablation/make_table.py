@@ -5,6 +5,13 @@ import glob
 import json
 import os
 import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+from common.data import default_gmm  # noqa: E402
+from common.eval import energy_distance  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 runs = {}
@@ -35,6 +42,11 @@ for step in sorted(runs):
     per_seed = ", ".join(f"{r['ed']:.4f}" for r in sorted(rs, key=lambda r: r["seed"]))
     lines.append(f"| {step:g} | {','.join(str(r['seed']) for r in rs)} | {m('k'):.1f} | {m('ed'):.4f} ({per_seed}) | "
                  f"{m('ed_last2'):.4f} | {m('fm_err'):.3f} | {m('gn_cv'):.3f} | {m('sec'):.3f} |")
+n = json.load(open(glob.glob(os.path.join(HERE, "step_*", "gmm", "args.json"))[0]))["eval_samples"]
+G = default_gmm()
+floor = [energy_distance(G.sample(n, torch.Generator().manual_seed(10 + i))[0], G.sample(n, torch.Generator().manual_seed(100 + i))[0]) for i in range(4)]
+lines += ["", f"Noise floor: ed between two independent {n}-sample draws of the data itself, 4 pairs: "
+          + ", ".join(f"{v:.4f}" for v in floor) + f" (mean {statistics.mean(floor):.4f})."]
 lines += ["", "Commands:", ""] + [f"    {r['command']}" for step in sorted(runs) for r in runs[step]]
 open(os.path.join(HERE, "table.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
