@@ -25,15 +25,17 @@ def table():
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "*", "*", "summary.json"))):
         s = json.load(open(path))
         final = s.get("final", {})
-        metric = next((m for m in ("fid", "fm_err", "ed") if f"{m}@1" in final), None)
+        names = [m for m in ("fid", "ed", "fm_err") if f"{m}@1" in final]  # gmm: both ed and fm_err
+        metric = names[0] if names else None
+        cell = lambda k: " / ".join(fmt(final.get(f"{m}@{k}")) for m in names) if names else "—"
         more = sorted((int(k.split("@")[1]) for k in final if metric and k.startswith(metric + "@") and int(k.split("@")[1]) > 4))
         hw = s.get("hardware", {})
         hardware = hw.get("gpu") or f"CPU {hw.get('cpu', '?')} x{hw.get('threads', '?')}"
         rel = os.path.relpath(os.path.dirname(path), ROOT)
         rows.append("| " + " | ".join([
-            f"[{s['method']}](methods/{s['method']}.py)", s["dataset"], str(s["steps"]), metric or "—",
-            *(fmt(final.get(f"{metric}@{k}")) for k in (1, 2, 4)),
-            ", ".join(f"{k}: {fmt(final[f'{metric}@{k}'])}" for k in more) or "—",
+            f"[{s['method']}](methods/{s['method']}.py)", s["dataset"], str(s["steps"]), " / ".join(names) or "—",
+            *(cell(k) for k in (1, 2, 4)),
+            ", ".join(f"{k}: {cell(k)}" for k in more) or "—",
             fmt(s.get("sec_per_step")), fmt(s.get("fpe"), 2), f"{s['wall_time_s'] / 60:.1f} min", hardware, f"[{rel}]({rel})"]) + " |")
     return "\n".join(rows)
 
