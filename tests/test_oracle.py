@@ -61,3 +61,22 @@ def test_average_velocity_identities():
     assert torch.allclose(g.avg_velocity(x, t, t), g.velocity(x, t))
     # a tiny interval gives the instantaneous velocity
     assert torch.allclose(g.avg_velocity(x, t, t - 1e-4), g.velocity(x, t), atol=1e-3)
+
+
+def test_single_gaussian_matches_closed_form():
+    # one component N(mu, sig^2 I): x_t ~ N((1-t) mu, var_t I), var_t = (1-t)^2 sig^2 + t^2, the
+    # velocity is affine, v = -mu + var_t' / (2 var_t) (x - (1-t) mu), and so is the exact map
+    mu, sig = torch.tensor([[1.5, -0.5]], dtype=torch.float64), 0.3
+    g = GMM(mu, [sig], [1.0])
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.rand(64, dtype=torch.float64) * 0.9 + 0.05
+    var = (1 - t) ** 2 * sig**2 + t**2
+    dvar = -2 * (1 - t) * sig**2 + 2 * t
+    v = -mu + (dvar / (2 * var))[:, None] * (x - (1 - t)[:, None] * mu)
+    assert torch.allclose(g.velocity(x, t), v, atol=1e-12)
+    s = t * 0.3
+    var_s = (1 - s) ** 2 * sig**2 + s**2
+    f = (1 - s)[:, None] * mu + (var_s / var).sqrt()[:, None] * (x - (1 - t)[:, None] * mu)
+    assert torch.allclose(g.flow_map(x, t, s), f, atol=1e-8)
+    err = [(g.flow_map(x, t, s, steps=n) - f).abs().max().item() for n in (20, 40)]
+    assert err[0] < 5e-7 and err[0] / err[1] > 12  # RK4 is fourth order: halving h divides the error by ~16
