@@ -285,6 +285,7 @@ if __name__ == "__main__":
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"])
         step = state["step"]
+    wall0 = state.get("wall_time_s", 0.0) if args.resume else 0.0  # wall time of earlier segments
     ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
     # ---- logging
@@ -327,6 +328,7 @@ if __name__ == "__main__":
     def checkpoint():
         save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
                     "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "wall_time_s": wall0 + time.time() - start,
                     "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
                    os.path.join(run_dir, "ckpt.safetensors"))
         save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
@@ -381,7 +383,7 @@ if __name__ == "__main__":
     # ---- summary
     if rank == 0:
         summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
-                   "wall_time_s": time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
+                   "wall_time_s": wall0 + time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
                    "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
                    "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
                    "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),

@@ -65,6 +65,24 @@ def test_resume_continues_exactly(method, tmp_path):
     assert la and all(lb[k] == v for k, v in la.items())
 
 
+def test_wall_time_adds_up_across_resume(tmp_path):
+    # the checkpoint carries the wall time of earlier segments; summary.json reports the total
+    import time
+
+    from common.dit import load_state, save_state
+    script = os.path.join(ROOT, "methods", "fm.py")
+    run_method(script, *TINY, "--steps", 2, "--out-dir", tmp_path)
+    run = tmp_path / "fm" / "gmm"
+    state = load_state(run / "ckpt.safetensors")
+    assert 0 < state["wall_time_s"] < 600
+    state["wall_time_s"] = 1000.0  # pretend the first segment took 1000 s
+    save_state(state, run / "ckpt.safetensors")
+    tic = time.time()
+    run_method(script, *TINY, "--steps", 3, "--out-dir", tmp_path, "--resume", run)
+    wall = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert 1000.0 < wall < 1000.0 + (time.time() - tic)
+
+
 def test_copied_method_runs_alone(tmp_path):
     for part in ("common", "kernels"):
         shutil.copytree(os.path.join(ROOT, part), tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
