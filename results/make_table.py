@@ -19,9 +19,20 @@ def fmt(v, digits=3):
     return "—" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
 
 
+def best(run_dir, key):
+    """The best (lowest) value of `key` over the run's evaluations, and its step."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(r) for r in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if key in r]
+    if len(rows) < 2:
+        return "—"
+    r = min(rows, key=lambda r: r[key])
+    return f"{fmt(r[key])} ({r['step']})"
+
+
 def table():
-    rows = ["| method | data | train steps | metric | 1 step | 2 steps | 4 steps | more steps | s/step | FPE | wall time | hardware | run |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | data | train steps | metric | 1 step | 2 steps | 4 steps | more steps | best 1 step (at step) | s/step | FPE | wall time | hardware | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "*", "*", "summary.json"))):
         s = json.load(open(path))
         final = s.get("final", {})
@@ -35,7 +46,7 @@ def table():
         rows.append("| " + " | ".join([
             f"[{s['method']}](methods/{s['method']}.py)", s["dataset"], str(s["steps"]), " / ".join(names) or "—",
             *(cell(k) for k in (1, 2, 4)),
-            ", ".join(f"{k}: {cell(k)}" for k in more) or "—",
+            ", ".join(f"{k}: {cell(k)}" for k in more) or "—", best(os.path.dirname(path), f"{metric}@1") if metric else "—",
             fmt(s.get("sec_per_step")), fmt(s.get("fpe"), 2), f"{s['wall_time_s'] / 60:.1f} min", hardware, f"[{rel}]({rel})"]) + " |")
     return "\n".join(rows)
 

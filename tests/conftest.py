@@ -28,3 +28,32 @@ def run_method(script, *args, cwd=None, check=True):
 @pytest.fixture
 def method_path():
     return lambda name: os.path.join(ROOT, "methods", f"{name}.py")
+
+
+def read_all(path):
+    """Every tensor of a safetensors file, by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def assert_resumes_exactly(script, method, flags, tmp_path, keys=("loss",)):
+    """Runs 6 steps straight (into tmp_path/a) and 3 + 3 with --resume (into tmp_path/b); the final
+    checkpoints must be bit-identical and the logged `keys` equal at every step. Returns run a."""
+    import json
+
+    import torch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_method(script, *flags, "--steps", 6, "--out-dir", a)
+    run_method(script, *flags, "--steps", 3, "--out-dir", b)
+    run_method(script, *flags, "--steps", 6, "--out-dir", b, "--resume", b / method / "gmm")
+    ta, tb = read_all(a / method / "gmm" / "ckpt.safetensors"), read_all(b / method / "gmm" / "ckpt.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    rows = lambda d: {r["step"]: r for r in map(json.loads, (d / method / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    ra, rb = rows(a), rows(b)  # b also logged its stop at step 3
+    assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in keys)
+    return a / method / "gmm"

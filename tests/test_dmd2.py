@@ -11,8 +11,8 @@ import torch
 from common.data import GMM, make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
-from conftest import ROOT, load_method, run_method
-from test_methods import TINY, TINY_IMG, read_all
+from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
+from test_methods import TINY, TINY_IMG
 
 dmd2 = load_method("dmd2")
 SCRIPT = os.path.join(ROOT, "methods", "dmd2.py")
@@ -114,17 +114,8 @@ def check_run(run, key):
 def test_resume_continues_exactly(tmp_path):
     common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--ttur", 3,
               "--gan-weight", 3e-3, "--backsim-steps", 2]
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "a")
-    check_run(tmp_path / "a" / "dmd2" / "gmm", "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
-    run_method(SCRIPT, *common, "--steps", 3, "--out-dir", tmp_path / "b")
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "dmd2" / "gmm")
-    a, b = read_all(tmp_path / "a" / "dmd2" / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / "dmd2" / "gmm" / "ckpt.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    rows = lambda d: {r["step"]: r for r in map(json.loads, (d / "dmd2" / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
-    assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in ("loss", "fake_loss", "gan_g", "gan_d"))
+    run = assert_resumes_exactly(SCRIPT, "dmd2", common, tmp_path, keys=("loss", "fake_loss", "gan_g", "gan_d"))
+    check_run(run, "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
 
 
 def test_bad_input_gets_one_line(tmp_path):

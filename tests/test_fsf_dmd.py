@@ -12,8 +12,8 @@ import torch
 from common.data import GMM
 from common.dit import DiT, save
 from common.eval import energy_distance
-from conftest import ROOT, load_method, run_method
-from test_methods import TINY, TINY_IMG, read_all
+from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
+from test_methods import TINY, TINY_IMG
 
 fsf = load_method("fsf_dmd")
 SCRIPT = os.path.join(ROOT, "methods", "fsf_dmd.py")
@@ -121,17 +121,8 @@ def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--teacher-cfg", 1.5]
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "a")
-    check_run(tmp_path / "a" / "fsf_dmd" / "gmm", "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
-    run_method(SCRIPT, *common, "--steps", 3, "--out-dir", tmp_path / "b")
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "fsf_dmd" / "gmm")
-    a, b = read_all(tmp_path / "a" / "fsf_dmd" / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / "fsf_dmd" / "gmm" / "ckpt.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    rows = lambda d: {r["step"]: r for r in map(json.loads, (d / "fsf_dmd" / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
-    assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in ("loss", "loss_cd", "loss_dm"))
+    run = assert_resumes_exactly(SCRIPT, "fsf_dmd", common, tmp_path, keys=("loss", "loss_cd", "loss_dm"))
+    check_run(run, "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
 
 
 def test_bad_input_gets_one_line(tmp_path):

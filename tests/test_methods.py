@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import ROOT, run_method
+from conftest import ROOT, assert_resumes_exactly, read_all, run_method
 
 METHODS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "methods", "*.py")))
 TINY = ["--steps", 4, "--batch-size", 32, "--log-every", 2, "--eval-every", 4, "--eval-samples", 200, "--ckpt-every", 2,
@@ -44,25 +43,10 @@ def test_ddp_two_processes(tmp_path):
     assert json.loads((tmp_path / "meanflow" / "gmm" / "summary.json").read_text())["steps"] == 4
 
 
-def read_all(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 @pytest.mark.parametrize("method", ["fm", "meanflow"])
 def test_resume_continues_exactly(method, tmp_path):
     script = os.path.join(ROOT, "methods", f"{method}.py")
-    common = [*TINY, "--dataset", "gmm", "--dropout", 0.1, "--eval-every", 100]
-    run_method(script, *common, "--steps", 6, "--out-dir", tmp_path / "a")
-    run_method(script, *common, "--steps", 3, "--out-dir", tmp_path / "b")
-    run_method(script, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / method / "gmm")
-    a, b = read_all(tmp_path / "a" / method / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / method / "gmm" / "ckpt.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / method / "gmm" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    la, lb = dict(losses(tmp_path / "a")), dict(losses(tmp_path / "b"))  # b also logged its stop at step 3
-    assert la and all(lb[k] == v for k, v in la.items())
+    assert_resumes_exactly(script, method, [*TINY, "--dataset", "gmm", "--dropout", 0.1, "--eval-every", 100], tmp_path)
 
 
 def test_wall_time_adds_up_across_resume(tmp_path):

@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from common.data import GMM, default_gmm
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
-from conftest import ROOT, load_method, run_method
+from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
 
 mfd = load_method("mfd")
 G = default_gmm()
@@ -128,28 +127,15 @@ def test_gradient_vanishes_at_the_teacher_distribution(step):
     assert g_cfg.norm() > 1e-3 * g1.norm()
 
 
-def read_all(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def read_rows(run):
     return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_smoke_gmm_oracle_and_resume_exactly(tmp_path):
     common = [*TINY, "--teacher", "oracle", "--eval-every", 100]
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "a")
-    run_method(SCRIPT, *common, "--steps", 3, "--out-dir", tmp_path / "b")
-    run_method(SCRIPT, *common, "--steps", 6, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "mfd" / "gmm")
-    a, b = read_all(tmp_path / "a" / "mfd" / "gmm" / "ckpt.safetensors"), read_all(tmp_path / "b" / "mfd" / "gmm" / "ckpt.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("/opt_aux/") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    la = {r["step"]: r["loss"] for r in read_rows(tmp_path / "a" / "mfd" / "gmm") if "loss" in r}
-    lb = {r["step"]: r["loss"] for r in read_rows(tmp_path / "b" / "mfd" / "gmm") if "loss" in r}
-    assert la and all(lb[k] == v for k, v in la.items())
-    summary = json.loads((tmp_path / "a" / "mfd" / "gmm" / "summary.json").read_text())
+    run = assert_resumes_exactly(SCRIPT, "mfd", common, tmp_path)
+    assert any(k.startswith("/opt_aux/") for k in read_all(run / "ckpt.safetensors"))
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and all(k in summary["final"] for k in ["fm_err@1", "ed@1", "gap", "aux_loss", "ode_k"])
 
 
