@@ -25,6 +25,19 @@ def run_method(script, *args, cwd=None, check=True):
     return proc
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A small untrained mnist DiT saved as an fm checkpoint: a teacher for smoke runs."""
+    import torch
+
+    from common.dit import DiT, save
+
+    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
+    torch.manual_seed(0)
+    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
+    return path
+
+
 @pytest.fixture
 def method_path():
     return lambda name: os.path.join(ROOT, "methods", f"{name}.py")

@@ -90,14 +90,6 @@ def test_backward_simulation_chain():
     assert torch.allclose(x0, (1 - 0.375) * x)
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
-    torch.manual_seed(0)
-    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
-    return path
-
-
 def test_smoke_mnist(tiny_teacher, tmp_path):
     extra = [*TINY_IMG, "--teacher", tiny_teacher, "--gan-weight", 3e-3, "--backsim-steps", 2]
     run_method(SCRIPT, *TINY, *extra, "--ttur", 2, "--dataset", "mnist", "--out-dir", tmp_path)

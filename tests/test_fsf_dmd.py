@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from common.data import GMM
-from common.dit import DiT, save
 from common.eval import energy_distance
 from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
 from test_methods import TINY, TINY_IMG
@@ -95,14 +94,6 @@ def test_the_fake_network_is_gone():
     assert "opt_fake" in dmd2 and "fake_loss" in dmd2 and "ttur" in dmd2
     assert all(w not in text for w in ("opt_fake", "fake_loss(", "args.ttur", "disc"))
     assert "dm_loss(x0, y, teacher, ema, null, args)" in text  # ... replaced by the EMA generator
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
-    torch.manual_seed(0)
-    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
-    return path
 
 
 def check_run(run, key):
