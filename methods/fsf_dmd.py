@@ -39,9 +39,9 @@ exact solution (the exact map is not its fixed point): E[x | x_t] differs from t
 f*(x_t, t, 0), and the difference contracts the samples (mode seeking); only its mean part vanishes.
 
 Run:        python methods/fsf_dmd.py                   (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/fsf_dmd.py --dataset mnist --steps 200 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --tangent-warmup 100 --teacher T
+            python methods/fsf_dmd.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --tangent-warmup 200
             python methods/fsf_dmd.py --teacher self --sim-steps 1 --shift 1 --dm-weight 0.01   (from scratch)
-Reference:  results/fsf_dmd/<dataset>/ (mnist: T as in dmd2.py), efficiency vs DMD2 in results/fsf_dmd/efficiency/
+Reference:  results/fsf_dmd/<dataset>/ (teacher as in dmd2.py), efficiency vs DMD2 in results/fsf_dmd/efficiency/
 """
 import copy
 import json
