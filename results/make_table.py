@@ -1,5 +1,6 @@
 """Regenerates the README's results table from results/<method>/<dataset>/summary.json, and
-pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt) into the README.
+pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt), the cost table
+(results/cost/cost.md) and the steps-to-best table (results/fsf_dmd/steps_to_best.md) into the README.
 
     python results/make_table.py          # rewrite the table between the README markers
     python results/make_table.py --check  # exit 1 if the README table is stale (used by the tests)
@@ -7,12 +8,16 @@ pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt) 
 import glob
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH = os.path.join(ROOT, "results", "attention_jvp", "bench_cpu.txt")  # `python -m kernels.bench > ...`
 COST = os.path.join(ROOT, "results", "cost", "cost.md")  # results/cost/measure.sh, then table.py
+STEPS = os.path.join(ROOT, "results", "fsf_dmd", "steps_to_best.md")
+# tables derived from logged runs by a script: regenerated here, so --check also catches a stale .md
+DERIVED = {COST: os.path.join(ROOT, "results", "cost", "table.py"), STEPS: os.path.join(ROOT, "results", "fsf_dmd", "steps_to_best.py")}
 
 
 def fmt(v, digits=3):
@@ -57,7 +62,14 @@ if __name__ == "__main__":
     head, rest = text.split(START)
     _, tail = rest.split(END)
     new = f"{head}{START}\n{table()}\n{END}{tail}"
-    for name, path, fence in [("bench", BENCH, True), ("cost", COST, False)]:  # pasted verbatim
+    stale = []
+    for md, script in DERIVED.items():
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, check=True).stdout
+        if not os.path.exists(md) or open(md).read() != out:
+            stale.append(os.path.relpath(md, ROOT))
+            if "--check" not in sys.argv:
+                open(md, "w").write(out)
+    for name, path, fence in [("bench", BENCH, True), ("cost", COST, False), ("steps", STEPS, False)]:  # pasted verbatim
         if os.path.exists(path) and f"<!-- {name}:start -->" in new:
             head, rest = new.split(f"<!-- {name}:start -->")
             _, tail = rest.split(f"<!-- {name}:end -->")
@@ -65,5 +77,7 @@ if __name__ == "__main__":
             body = f"```\n{body}\n```" if fence else body
             new = f"{head}<!-- {name}:start -->\n{body}\n<!-- {name}:end -->{tail}"
     if "--check" in sys.argv:
-        sys.exit(0 if new == text else "README results table is stale: run python results/make_table.py")
+        if stale or new != text:
+            sys.exit(f"README results table or {', '.join(stale) or 'its sources'} stale: run python results/make_table.py")
+        sys.exit(0)
     open(readme, "w").write(new)
