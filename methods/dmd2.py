@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -338,7 +339,10 @@ if __name__ == "__main__":
 
     def evaluate(final=False):
         metrics = evaluator(sample_fn, args.eval_steps)
-        save_grid(sample_fn, loader, args.eval_steps, os.path.join(run_dir, "samples.png" if final else f"samples_{step:07d}.png"), args.seed)
+        path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
+        save_grid(sample_fn, loader, args.eval_steps, path, args.seed)
+        if final:
+            shutil.copyfile(path, os.path.join(run_dir, "samples.png"))
         return metrics
 
     # ---- checkpoint

@@ -49,7 +49,7 @@ def test_resume_continues_exactly(method, tmp_path):
     assert_resumes_exactly(script, method, [*TINY, "--dataset", "gmm", "--dropout", 0.1, "--eval-every", 100], tmp_path)
 
 
-def test_wall_time_adds_up_across_resume(tmp_path):
+def test_wall_time_and_grids_add_up_across_resume(tmp_path):
     # the checkpoint carries the wall time of earlier segments; summary.json reports the total
     import time
 
@@ -65,6 +65,8 @@ def test_wall_time_adds_up_across_resume(tmp_path):
     run_method(script, *TINY, "--steps", 3, "--out-dir", tmp_path, "--resume", run)
     wall = json.loads((run / "summary.json").read_text())["wall_time_s"]
     assert 1000.0 < wall < 1000.0 + (time.time() - tic)
+    # the first segment's final sample grid survives the second segment's
+    assert (run / "samples_0000002.png").exists() and (run / "samples_0000003.png").read_bytes() == (run / "samples.png").read_bytes()
 
 
 def test_copied_method_runs_alone(tmp_path):
