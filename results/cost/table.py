@@ -29,16 +29,28 @@ def estimate(method, a):
     return None, "—"
 
 
+def passes(name):
+    """The summaries of one run name in every measurement pass (runs/, runs2/, ...)."""
+    out = []
+    for d in sorted(glob.glob(os.path.join(HERE, "runs*"))):
+        out += [json.load(open(p)) for p in glob.glob(os.path.join(d, name, "*", "mnist", "summary.json"))]
+    return out
+
+
 print("| run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
 print("|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(HERE, "runs", "*", "*", "mnist", "summary.json"))):
-    s = json.load(open(path))
     args = json.load(open(os.path.join(os.path.dirname(path), "args.json")))
     name = os.path.relpath(path, os.path.join(HERE, "runs")).split(os.sep)[0]
+    ss = passes(name)
+    s = ss[0]
     est, how = estimate(s["method"], args)
-    print(f"| {name} | {est:.3g} | {how} | {s['sec_per_step']:.3f} | {s['fwd_time_s']:.4f} | {s['fpe']:.2f} |")
+    cell = lambda key, f: " / ".join(f.format(x[key]) for x in ss)
+    print(f"| {name} | {est:.3g} | {how} | {cell('sec_per_step', '{:.3f}')} | {cell('fwd_time_s', '{:.4f}')} | {cell('fpe', '{:.2f}')} |")
 hw = s["hardware"]
 print(f"\nCPU ({hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}), batch {args['batch_size']}, "
-      f"{s['params']} parameters; median step time over the run (60 steps; mfd 20). One training step is the "
+      f"{s['params']} parameters; median step time over the run (60 steps; mfd 20); forward time: median of 10 "
+      "at start-up. Where a cell holds two numbers they are two passes of measure.sh, one after the other "
+      "on the same quiet machine: their spread is the noise of these figures. One training step is the "
       "file's own --steps unit: a DMD2 step updates the generator once in `ttur`, an MFD step is `ratio` "
       "auxiliary updates and one student update. No GPU.")
