@@ -37,7 +37,7 @@ the U-Net bottleneck). Official ImageNet-64 values: ttur 5, gan_weight 3e-3, gan
 same lr for both optimizers; we keep ttur 5 and default the GAN off on CPU.
 
 Run:        python methods/dmd2.py                      (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/dmd2.py --dataset mnist --steps 4000 --batch-size 64 --lr 1e-4 --ema-decay 0.99
+            python methods/dmd2.py --dataset mnist --steps 6000 --batch-size 64 --lr 1e-4 --ema-decay 0.99   (the reference run)
             python methods/dmd2.py --teacher oracle     (gmm with the exact velocity as teacher)
 Reference:  results/dmd2/<dataset>/ (teacher: results/fm/<dataset>/model.safetensors), curves in results/curves_mnist.png
 """

@@ -16,7 +16,7 @@ Heun over t_k = linspace(1, 0, K + 1).
 
 Run:        python methods/fm.py                       (2-D gmm, a few minutes on a CPU)
             python methods/fm.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
-                --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run, stopped at 2500)
+                --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run)
 Paper-scale defaults (SiT/DiT on ImageNet latents): lr 1e-4, batch 256, EMA 0.9999, label dropout
 0.1, t uniform (SiT) or LN(0, 1) (SD3), 50-250 sampling steps with CFG 1.5-4.
 Reference:  results/fm/<dataset>/ (its model.safetensors is the default teacher of dmd2, fsf_dmd, mfd)

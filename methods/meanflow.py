@@ -30,7 +30,7 @@ Dropout masks are shared between primal and tangent because both come from one j
 
 Run:        python methods/meanflow.py                  (2-D gmm, a few minutes on a CPU)
             python methods/meanflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
-                --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run, stopped at 2500)
+                --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run)
 Paper defaults (ImageNet 256, DiT-XL/2): lr 1e-4, batch 256, betas (0.9, 0.95), EMA 0.9999,
 ratio 0.25, w 1.0, k 0.5, c 0.01, p 1.0. Our default k is 0 (no guidance), so that the samples
 are comparable with the exact (unguided) oracle and with the unguided fm teacher; pass

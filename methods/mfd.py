@@ -286,13 +286,13 @@ if __name__ == "__main__":
         return DiT(info["shape"][1], args.patch_size, info["shape"][0], args.hidden, args.depth, args.heads, 4.0,
                    info["num_classes"], n_cond, args.qk_norm, args.dropout)
 
-    teacher_net, teacher = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
-    net = (copy.deepcopy(teacher).requires_grad_(True).train() if teacher is not None else make_net()).to(device)
+    teacher, teacher_net = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
+    net = (copy.deepcopy(teacher_net).requires_grad_(True).train() if teacher_net is not None else make_net()).to(device)
     aux = copy.deepcopy(net)  # the student's flow; starts at the teacher (or at the fresh student)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
     opt_aux = torch.optim.AdamW(aux.parameters(), lr=args.aux_lr, betas=args.adam_betas, weight_decay=args.weight_decay)
-    teacher_v = lambda x, t, y: velocity(teacher_net, x, t, y, null, args.teacher_cfg)
+    teacher_v = lambda x, t, y: velocity(teacher, x, t, y, null, args.teacher_cfg)
     aux_v = lambda x, t, y: aux(x, t, t, y)
     sample_fn = torch.no_grad()(lambda e, y, k: generate(ema, e.to(device), y.to(device), k))
     saved = {"net": net, "ema": ema, "opt": opt, "aux": aux, "opt_aux": opt_aux}  # what a checkpoint holds besides data/RNG state
