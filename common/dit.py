@@ -9,6 +9,11 @@ has num_classes = 0 and always passes y = 0), and `n_cond` optional extra scalar
 Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode rule, so
 `torch.func.jvp` through the DiT works (PyTorch's fused attention has none: ../KERNEL.md).
 
+Precision: under `torch.autocast` (the `--precision bf16` of the method files) the time
+embedding's sinusoid is computed from fp32 times and the output is returned in fp32, so targets
+and losses stay fp32. `net.grad_ckpt = True` recomputes each DiT block in the backward
+(activation checkpointing) on forwards with grad outside a torch.func transform.
+
 `save`/`load` use safetensors with the network config in the metadata, so a checkpoint rebuilds
 its own network; `save_state`/`load_state` store a nested training state (optimizer, RNG
 states) the same way. Writes are atomic (temporary file + os.replace).
@@ -137,17 +142,20 @@ class DiT(nn.Module):
         for m in [*(b.ada[-1] for b in self.blocks), self.ada[-1], self.out]:  # adaLN-zero
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        self.grad_ckpt = False  # a run-time switch, not part of the config
 
     def forward(self, x, t, s, y, c=None):
         B = x.shape[0]
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
         emb = self.cond(t, s, y, c)
+        # checkpointing cannot run inside torch.func.jvp (functorch level set): plain blocks there
+        ckpt = self.grad_ckpt and torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
         for block in self.blocks:
-            h = block(h, emb)
+            h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
         shift, scale = self.ada(emb).chunk(2, dim=-1)
         h = self.out(modulate(self.norm(h), shift, scale))
         h = h.reshape(B, self.grid, self.grid, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, self.c, self.grid * self.p, self.grid * self.p)
+        return h.reshape(B, self.c, self.grid * self.p, self.grid * self.p).float()
 
 
 class MLP(nn.Module):
@@ -171,7 +179,7 @@ class MLP(nn.Module):
         h = self.inp(x) + emb
         for block in self.blocks:
             h = h + block(h + emb)
-        return self.out(h)
+        return self.out(h).float()
 
 
 def build(config):
@@ -182,15 +190,37 @@ def build(config):
 
 
 def _atomic_save(tensors, metadata, path):
+    """Temporary file + os.replace: a reader never sees a torn file; the temporary file is
+    removed on every exit path but kill -9 (method files clean stale ones at start-up)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _sort_header(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sort_header(path):
+    """safetensors writes its metadata in hash order, so identical runs gave different bytes:
+    rewrite the header (same length) with sorted keys."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+        meta = head.pop("__metadata__", None)
+        new = json.dumps({**({"__metadata__": dict(sorted(meta.items()))} if meta else {}), **dict(sorted(head.items()))},
+                         separators=(",", ":")).encode()
+        if len(new) <= n:
+            f.seek(8)
+            f.write(new.ljust(n))
 
 
 def save(net, path, **meta):
     """Writes the weights and the config (plus any extra string-able metadata) atomically."""
     net = getattr(net, "module", net)
-    _atomic_save(net.state_dict(), {"config": json.dumps(net.config), **{k: json.dumps(v) for k, v in meta.items()}}, path)
+    meta = {"config": net.config, **meta}
+    _atomic_save(net.state_dict(), {k: json.dumps(meta[k], sort_keys=True) for k in sorted(meta)}, path)
 
 
 def read_meta(path):
