@@ -11,7 +11,7 @@ difference is the gradient of KL(p_fake,t || p_real,t) (DMD eq. 7, DMD2 eq. 2). 
 METHODS.md: denoiser-style generator G(x_t, t) = x_t - t net(x_t, t, t, y), one step G(e, 1),
 initialized from the flow-matching teacher, as is the fake velocity net.
 
-    x0 = G(e, 1);  t ~ U(t_min, t_max);  x_t = (1 - t) x0 + t n;  v_real = v_T^cfg(x_t, t),
+    x0 = G(e, 1);  t ~ p_DM(t);  x_t = (1 - t) x0 + t n;  v_real = v_T^cfg(x_t, t),
     v_fake = fake(x_t, t);  x0_real = x_t - t v_real;  w = mean_dims |x0 - x0_real|  (per sample)
     grad = t (v_real - v_fake) / w  (= (x0_fake - x0_real) / w);   L_G = 0.5 mean((x0 - sg(x0 - grad))^2)
 
@@ -29,12 +29,17 @@ steps on t_j = linspace(1, 0, K + 1) without grad (x0 = G(x, t_j), re-noised to 
 noise) and is trained on G(x, t_k); sampling with K steps is the same chain. Its fresh noise makes
 fm_err@K (distance to the exact ODE endpoint of the same noise) meaningless for K > 1: read ed@K.
 
-Deviations, all stated: the official EDM code samples noise levels uniformly over a Karras grid
-index in [2%, 98%] and trains the fake net by x0-regression with Karras weights; here the linear
-path with t ~ U(t_min, t_max) and flow matching (METHODS.md). One backward-simulation k per
-batch. The discriminator head is an MLP on pooled DiT tokens (the official one is a conv head on
-the U-Net bottleneck). Official ImageNet-64 values: ttur 5, gan_weight 3e-3, gan_d_weight 1e-2,
-same lr for both optimizers; we keep ttur 5 and default the GAN off on CPU.
+As the official code (defaults): the DM time is an index uniform in [20, 980) of a 1000-level
+Karras grid (sigma 0.002..80, rho 7), t = sigma / (1 + sigma) on our path (--t-dist uniform: the
+earlier U(0.02, 0.98)); generator labels are uniform random classes, no null class, no dropout
+(--gen-labels data: loader labels with 10% dropout); the raw generator is evaluated and saved
+(--eval-ema: its EMA). The official clips gradients at 10: pass --grad-clip 10 (the shared
+default is 1; the reference runs pass 10). Deviations, all stated: the official EDM code trains
+the fake net by x0-regression with Karras weights; here flow matching on the linear path. One
+backward-simulation k per micro-batch. The discriminator head is an MLP on pooled DiT tokens
+(the official one is a conv head on the U-Net bottleneck). Official ImageNet-64 values: ttur 5,
+gan_weight 3e-3, gan_d_weight 1e-2, same lr for both optimizers; we keep ttur 5 and default the
+GAN off on CPU. Under torchrun the generator, the fake net and the discriminator are all in DDP.
 
 Run:        python methods/dmd2.py                      (gmm, teacher results/fm/gmm/model.safetensors)
             python methods/dmd2.py --dataset mnist --steps 6000 --batch-size 64 --lr 1e-4 --ema-decay 0.99   (the reference run)
@@ -45,11 +50,9 @@ import copy
 import json
 import os
 import platform
-import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -59,8 +62,10 @@ import tyro
 from tqdm import tqdm
 
 from common.data import make_loader
-from common.dit import DiT, MLP, load_state, load_teacher, save, save_state
+from common.dit import DiT, MLP, load_teacher, save, save_state
 from common.eval import Evaluator, save_grid, time_forward
+from common.run import (RunLog, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+                        stop_if_nonfinite, write_files)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (the method file by default)"""
     seed: int = 0
-    """seed of torch, numpy, random and the data stream"""
+    """seed of the initial weights, the noise and the data stream"""
     dataset: str = "gmm"
     """checkerboard | moons | spirals | 8gaussians | gmm | mnist | cifar10 | imagenet-latent"""
     data_root: str = "data"
@@ -80,7 +85,9 @@ class Args:
     steps: int = 3000
     """number of training steps"""
     batch_size: int = 256
-    """batch size per process"""
+    """global batch size (the papers' number): split over processes and --grad-accum micro-batches"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
     lr: float = 1e-3
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -107,18 +114,32 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    tf32: bool = False
+    """allow TF32 matmuls on CUDA in fp32"""
+    grad_ckpt: bool = False
+    """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
     """evaluate and save a sample grid every this many steps (and at the end)"""
     eval_samples: int = 2000
-    """samples per evaluation"""
+    """samples per evaluation (split over processes)"""
+    eval_batch: int = 500
+    """sampling batch per process during evaluation"""
     eval_steps: tuple[int, ...] = (1, 2, 4)
     """sampling step counts to evaluate"""
+    vae: Optional[str] = None
+    """local diffusers AutoencoderKL folder: latents are decoded for FID and grids"""
+    inception: Optional[str] = None
+    """clean-fid Inception TorchScript file (inception-2015-12-05.pt) for FID on RGB images"""
+    fid_ref: Optional[str] = None
+    """.npz with mu and sigma of the reference features (default: computed from the data)"""
     ckpt_every: int = 1000
     """write the training checkpoint every this many steps (and at the end)"""
     resume: Optional[str] = None
-    """training checkpoint (ckpt.safetensors) or run folder to continue from"""
+    """run folder or ckpt.safetensors to continue from; its args.json gives every flag not given here"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "cleanflow"
@@ -134,10 +155,18 @@ class Args:
     """guidance w of the teacher, v_cfg = v_u + w (v_c - v_u) (1: none, so the target is the data law)"""
     ttur: int = 5
     """two time-scale update rule: fake-net updates per generator update (DMD2 ImageNet: 5)"""
+    t_dist: str = "karras"
+    """distribution-matching time: karras (official: an index uniform in [t_min, t_max) x 1000 of a 1000-level
+    Karras grid, sigma 0.002..80, rho 7, mapped to t = sigma / (1 + sigma)) or uniform (t ~ U(t_min, t_max))"""
     t_min: float = 0.02
-    """lower end of the distribution-matching time t ~ U(t_min, t_max) (official min_step_percent)"""
+    """lower end of the distribution-matching time or grid fraction (official min_step_percent)"""
     t_max: float = 0.98
-    """upper end of the distribution-matching time (official max_step_percent)"""
+    """upper end of the distribution-matching time or grid fraction (official max_step_percent)"""
+    gen_labels: str = "random"
+    """generator labels: random (official: uniform classes, no null, no dropout) or data (loader labels with
+    --label-dropout)"""
+    eval_ema: bool = False
+    """evaluate and save the EMA generator (official: the raw generator; then --ema-decay is unused)"""
     backsim_steps: int = 1
     """generator steps K of backward simulation (1: a one-step generator; DMD2 SDXL: 4)"""
     gan_weight: float = 0.0
@@ -149,15 +178,7 @@ class Args:
 
 
 def check_args(args):
-    # ---- checks: a clear one-line error naming the flag
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "ckpt_every", "hidden", "depth", "heads", "patch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    for name in ("ema_decay", "label_dropout", "dropout"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
-    if args.lr <= 0 or any(k <= 0 for k in args.eval_steps):
-        raise SystemExit(f"--lr {args.lr} / --eval-steps {args.eval_steps}: expected positive values")
+    # ---- checks: a clear one-line error naming the flag (the generic flags: common/run.py)
     for name in ("ttur", "backsim_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an update ratio / step count >= 1")
@@ -165,6 +186,8 @@ def check_args(args):
         raise SystemExit(f"--t-min {args.t_min} / --t-max {args.t_max} / --gan-t-max {args.gan_t_max}: expected 0 <= t-min < t-max <= 1, gan-t-max in [0, 1]")
     if args.gan_weight < 0 or args.gan_d_weight < 0:
         raise SystemExit(f"--gan-weight {args.gan_weight} / --gan-d-weight {args.gan_d_weight}: expected values >= 0")
+    if args.t_dist not in ("karras", "uniform") or args.gen_labels not in ("random", "data"):
+        raise SystemExit(f"--t-dist {args.t_dist} / --gen-labels {args.gen_labels}: expected karras|uniform / random|data")
 
 
 # ---------------------------------------------------------------- ALGO LOGIC
@@ -200,12 +223,23 @@ def generate(net, e, y, k, steps):
 
 @torch.no_grad()
 def sample(net, e, y, steps):
-    """K-step DMD2 sampler: the backward-simulation chain run to the end."""
-    return generate(net, e, y, steps - 1, steps)
+    """K-step DMD2 sampler: the backward-simulation chain run to the end (in eval mode)."""
+    was_training = net.training
+    x0 = generate(net.eval(), e, y, steps - 1, steps)
+    net.train(was_training)
+    return x0
 
 
 def sample_dm_t(n, args, device):
-    return args.t_min + (args.t_max - args.t_min) * torch.rand(n, device=device)
+    """The distribution-matching time (--t-dist). karras: the official index i ~ U{20, ..., 979} of the
+    ascending Karras grid sigma_i = (a + i / 999 (b - a))^7, a = 0.002^(1/7), b = 80^(1/7), on our path
+    t = sigma / (1 + sigma): quantiles 10/50/90% at t = .022/.716/.976 (34% of the draws above 0.9)."""
+    if args.t_dist == "uniform":
+        return args.t_min + (args.t_max - args.t_min) * torch.rand(n, device=device)
+    i = torch.randint(round(1000 * args.t_min), round(1000 * args.t_max), (n,), device=device)
+    a, b = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    sigma = (a + i / 999 * (b - a)) ** 7
+    return sigma / (1 + sigma)
 
 
 def dm_loss(x0, y, teacher, fake, null, args):
@@ -219,7 +253,7 @@ def dm_loss(x0, y, teacher, fake, null, args):
         w = (x0 - (x_t - bc(t, x0) * v_real)).abs().flatten(1).mean(1)
         grad = torch.nan_to_num(bc(t, x0) * (v_real - v_fake) / bc(w, x0))
     loss = 0.5 * ((x0 - (x0 - grad).detach()) ** 2).mean()
-    return loss, {"loss": loss.item(), "dm_w": w.mean().item()}
+    return loss, {"loss": loss.detach(), "dm_w": w.mean()}
 
 
 def fake_loss(fake, x0, y):
@@ -227,7 +261,7 @@ def fake_loss(fake, x0, y):
     x0, n, t = x0.detach(), torch.randn_like(x0), torch.rand(len(x0), device=x0.device)
     x_t = (1 - bc(t, x0)) * x0 + bc(t, x0) * n
     loss = ((fake(x_t, t, t, y) - (n - x0)) ** 2).flatten(1).sum(1).mean()
-    return loss, {"fake_loss": loss.item()}
+    return loss, {"fake_loss": loss.detach()}
 
 
 def gan_logit(fake, head, feats, x, y, args):
@@ -239,32 +273,17 @@ def gan_logit(fake, head, feats, x, y, args):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, overrides = parse_args(Args)  # with --resume, the run's args.json gives every flag not given
     check_args(args)
+    method = os.path.basename(__file__)[: -len(".py")]
 
     # ---- seeding, device, distributed
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    run_dir = os.path.join(args.out_dir, args.exp_name, args.dataset)
-    if args.resume:
-        ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
-        run_dir = os.path.dirname(ckpt_path)
-    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
-        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or choose another --out-dir / --exp-name")
+    rank, world, device, run_dir, ckpt_path = setup(args, method)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank; the loop reseeds per micro-batch
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     # ---- data
-    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)
+    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)  # yields this rank's share
     info = loader.info
     null = info["num_classes"]  # the null label id; unconditional data only ever uses it
 
@@ -277,163 +296,144 @@ if __name__ == "__main__":
 
     teacher, teacher_net = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
     net = (copy.deepcopy(teacher_net).requires_grad_(True).train() if teacher_net is not None else make_net()).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    fake = copy.deepcopy(net)  # the fake velocity also starts as the teacher
+    net.grad_ckpt = args.grad_ckpt
+    ema = copy.deepcopy(net).requires_grad_(False).eval() if args.eval_ema else net  # official: the raw generator
+    fake = copy.deepcopy(net).requires_grad_(True)  # the fake velocity also starts as the teacher
     hidden = fake.config["hidden"]
     disc = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1)).to(device)
     feats = {}  # the fake net's middle features, for the discriminator head
     fake.blocks[len(fake.blocks) // 2].register_forward_hook(lambda mod, inp, out: feats.update(h=out))
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
-    opt_fake = torch.optim.AdamW([*fake.parameters(), *disc.parameters()], lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt_fake = torch.optim.AdamW([*fake.parameters(), *disc.parameters()], lr=args.lr, betas=args.adam_betas,
+                                 weight_decay=args.weight_decay, fused=device.type == "cuda")
     gen_log = torch.nn.Module()  # the last generator-turn terms, checkpointed so a resumed run logs the same rows
-    gen_log.register_buffer("v", torch.zeros(4))
+    gen_log.register_buffer("v", torch.zeros(4, device=device))
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
     saved = {"net": net, "ema": ema, "opt": opt, "fake": fake, "disc": disc, "opt_fake": opt_fake, "gen_log": gen_log}
-    step = 0
+    ddp_net, ddp_fake = ddp(net, world), ddp(fake, world)
+    ddp_disc = ddp(disc, world) if args.gan_weight > 0 else disc  # an unused DDP module would stall the reducer
 
     # ---- resume
+    step, wall0 = 0, 0.0  # wall0: wall time of earlier segments
     if args.resume:
-        state = load_state(ckpt_path)
-        if state["config"] != net.config:
-            raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
+        state = load_checkpoint(ckpt_path, method, args, net.config)
         for k, m in saved.items():
             m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = state["step"]
-    wall0 = state.get("wall_time_s", 0.0) if args.resume else 0.0  # wall time of earlier segments
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+        step, wall0 = state["step"], state["wall_time_s"]
 
     # ---- logging
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "metrics.jsonl")
-    if rank == 0:
-        rows = [json.loads(r) for r in open(log_path)] if args.resume and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:  # on resume keep only the rows up to the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = None
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(run_dir)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=asdict(args))
-
-    def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if writer is not None and k != "step":
-                writer.add_scalar(k, v, row["step"])
-        if args.track:
-            wandb.log(row, step=row["step"])
+    log = RunLog(args, run_dir, step, overrides, enabled=rank == 0).log
 
     # ---- evaluation
-    evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
+    evaluator = Evaluator(loader, args.eval_samples, args.seed, device=device, vae=args.vae, fid_ref=args.fid_ref,
+                          inception=args.inception, batch=args.eval_batch)
 
-    def evaluate(final=False):
+    def evaluate(final=False):  # every rank samples its share; rank 0 draws the grid
         metrics = evaluator(sample_fn, args.eval_steps)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
-        save_grid(sample_fn, loader, args.eval_steps, path, args.seed)
-        if final:
-            shutil.copyfile(path, os.path.join(run_dir, "samples.png"))
+        if rank == 0:
+            write_files(lambda: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), path)
+            if final:
+                write_files(lambda: copy_atomic(path, os.path.join(run_dir, "samples.png")), "samples.png")
         return metrics
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
-                    "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "wall_time_s": wall0 + time.time() - start,
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
-                   os.path.join(run_dir, "ckpt.safetensors"))
-        save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
+        if rank == 0:
+            write_files(lambda: save_state({"method": method, "dataset": args.dataset, "config": net.config, "step": step,
+                                            **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict(),
+                                            "wall_time_s": wall0 + time.time() - start}, os.path.join(run_dir, "ckpt.safetensors")),
+                        f"the checkpoint in {run_dir}")
+            write_files(lambda: save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=method, step=step),
+                        f"model.safetensors in {run_dir}")
 
-    # ---- cost: one forward pass of the same network on a training batch
-    x0, y0 = loader.sample(args.batch_size, torch.Generator().manual_seed(args.seed))
-    fwd_time = time_forward(net, x0.to(device), y0.to(device))
+    # ---- cost: one forward pass of the same network on a training micro-batch
+    x0, y0 = loader.sample(args.batch_size // (world * args.grad_accum), torch.Generator().manual_seed(args.seed))
+    with amp:
+        fwd_time = time_forward(net, x0.to(device), y0.to(device))
 
     # ---- training loop
-    start, step_times, last = time.time(), [], {}
+    start, step_times, last, metrics = time.time(), [], {}, {}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.steps:
         tic = time.perf_counter()
-        x, y = next(loader)
-        x, y = x.to(device), y.to(device)
-        y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, torch.full_like(y, null), y)
         for g in [*opt.param_groups, *opt_fake.param_groups]:
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
         fake.train()
-        k = int(torch.randint(args.backsim_steps, ()))
         gen_turn = (step + 1) % args.ttur == 0  # two time-scale update rule
-        with torch.set_grad_enabled(gen_turn):
-            x0 = generate(ddp_net, torch.randn_like(x), y, k, args.backsim_steps)
-        if gen_turn:  # generator: distribution matching (+ GAN through the fake net, whose weights stay put)
-            fake.requires_grad_(False)
-            loss, terms = dm_loss(x0, y, teacher, fake, null, args)
-            gan_g = F.softplus(-gan_logit(fake, disc, feats, x0, y, args)).mean() if args.gan_weight > 0 else torch.zeros(())
-            fake.requires_grad_(True)
-            opt.zero_grad(set_to_none=True)
-            (loss + args.gan_weight * gan_g).backward()
+        x, y = next(loader)  # this rank's share of the global batch
+        terms, gen_terms = [], []
+        for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+            torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)
+            y_g = torch.randint(0, max(null, 1), y.shape, device=device) if args.gen_labels == "random" else y
+            k = int(torch.randint(args.backsim_steps, ()))
+            with no_sync([ddp_net, ddp_fake, ddp_disc], i < args.grad_accum - 1):
+                with amp, torch.set_grad_enabled(gen_turn):
+                    x0 = generate(ddp_net, torch.randn_like(x), y_g, k, args.backsim_steps)
+                if gen_turn:  # generator: distribution matching (+ GAN through the fake net, whose weights stay put)
+                    fake.requires_grad_(False)
+                    with amp:
+                        loss, t_g = dm_loss(x0, y_g, teacher, fake, null, args)
+                        gan_g = F.softplus(-gan_logit(fake, disc, feats, x0, y_g, args)).mean() if args.gan_weight > 0 else loss.new_zeros(())
+                    fake.requires_grad_(True)
+                    ((loss + args.gan_weight * gan_g) / args.grad_accum).backward()
+                    gen_terms.append({**t_g, "gan_g": gan_g.detach()})
+                with amp:  # fake velocity (+ discriminator): every step, on the same sg(x0)
+                    loss_fake, t_f = fake_loss(ddp_fake, x0, y_g)
+                    if args.gan_weight > 0:
+                        d = F.softplus(gan_logit(ddp_fake, ddp_disc, feats, x0.detach(), y_g, args)) + F.softplus(-gan_logit(ddp_fake, ddp_disc, feats, x, y, args))
+                        loss_fake, t_f["gan_d"] = loss_fake + args.gan_d_weight * d.mean(), d.mean().detach()
+                (loss_fake / args.grad_accum).backward()
+            terms.append(t_f)
+        if gen_turn:
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            gen_log.v.copy_(torch.tensor([terms["loss"], gnorm.item(), terms["dm_w"], gan_g.item()]))
-        # fake velocity (+ discriminator): every step, on the same sg(x0)
-        loss_fake, terms = fake_loss(fake, x0, y)
-        if args.gan_weight > 0:
-            d = F.softplus(gan_logit(fake, disc, feats, x0.detach(), y, args)) + F.softplus(-gan_logit(fake, disc, feats, x, y, args))
-            loss_fake = loss_fake + args.gan_d_weight * d.mean()
-            terms["gan_d"] = d.mean().item()
-        opt_fake.zero_grad(set_to_none=True)
-        loss_fake.backward()
+            gen_log.v.copy_(torch.stack([*mean_terms(gen_terms).values(), gnorm]))
         fnorm = torch.nn.utils.clip_grad_norm_([*fake.parameters(), *disc.parameters()], args.grad_clip if args.grad_clip > 0 else float("inf"))
-        terms.update(dict(zip(["loss", "grad_norm", "dm_w", "gan_g"], gen_log.v.tolist())), fake_grad_norm=fnorm.item(), lr=opt.param_groups[0]["lr"])
-        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
-            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
+        terms = {**mean_terms(terms), **dict(zip(["loss", "dm_w", "gan_g", "grad_norm"], gen_log.v.clone())), "fake_grad_norm": fnorm}
+        stop_if_nonfinite(terms, step, run_dir)
         opt_fake.step()
+        opt_fake.zero_grad(set_to_none=True)
         if gen_turn:
             opt.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), net.parameters()):
-                    p_ema.lerp_(p, 1 - args.ema_decay)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            opt.zero_grad(set_to_none=True)
+            if args.eval_ema:
+                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+        if step % args.log_every == 0 or step == args.steps:
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
+            last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": opt.param_groups[0]["lr"],
+                    "sec_per_step": sec, "fpe": sec / (fwd_time * args.grad_accum)}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", fpe=f"{last['fpe']:.1f}")
             log(last)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(final=step == args.steps)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()  # before the evaluation: a crash there loses nothing
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate(final=step == args.steps)
             log({"step": step, **metrics})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+            if rank == 0:
+                bar.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no metrics")
+                          + (f" ({evaluator.note})" if evaluator.note else ""))
     bar.close()
 
     # ---- summary
-    if rank == 0:
-        summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
-                   "wall_time_s": wall0 + time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
-                   "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
-                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
+    if rank == 0 and step_times:
+        sec = float(np.median(step_times))
+        summary = {"method": method, "dataset": args.dataset, "seed": args.seed, "steps": step, "wall_time_s": wall0 + time.time() - start,
+                   "sec_per_step": sec, "fwd_time_s": fwd_time, "fpe": sec / (fwd_time * args.grad_accum),
+                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics}, "world_size": world,
                    "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
                                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                    "command": " ".join(sys.argv)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_files(lambda: json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=1), "summary.json")
         print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
     if world > 1:
         torch.distributed.destroy_process_group()

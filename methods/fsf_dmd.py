@@ -47,11 +47,9 @@ import copy
 import json
 import os
 import platform
-import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -60,8 +58,10 @@ import tyro
 from tqdm import tqdm
 
 from common.data import make_loader
-from common.dit import DiT, MLP, load_state, load_teacher, save, save_state
+from common.dit import DiT, MLP, load_teacher, save, save_state
 from common.eval import Evaluator, save_grid, time_forward
+from common.run import (RunLog, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+                        stop_if_nonfinite, write_files)
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (the method file by default)"""
     seed: int = 0
-    """seed of torch, numpy, random and the data stream"""
+    """seed of the initial weights, the noise and the data stream"""
     dataset: str = "gmm"
     """checkerboard | moons | spirals | 8gaussians | gmm | mnist | cifar10 | imagenet-latent"""
     data_root: str = "data"
@@ -81,7 +81,9 @@ class Args:
     steps: int = 3000
     """number of training steps"""
     batch_size: int = 256
-    """batch size per process"""
+    """global batch size (the papers' number): split over processes and --grad-accum micro-batches"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
     lr: float = 1e-3
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -108,18 +110,32 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    tf32: bool = False
+    """allow TF32 matmuls on CUDA in fp32"""
+    grad_ckpt: bool = False
+    """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
     """evaluate and save a sample grid every this many steps (and at the end)"""
     eval_samples: int = 2000
-    """samples per evaluation"""
+    """samples per evaluation (split over processes)"""
+    eval_batch: int = 500
+    """sampling batch per process during evaluation"""
     eval_steps: tuple[int, ...] = (1, 2, 4)
     """sampling step counts to evaluate"""
+    vae: Optional[str] = None
+    """local diffusers AutoencoderKL folder: latents are decoded for FID and grids"""
+    inception: Optional[str] = None
+    """clean-fid Inception TorchScript file (inception-2015-12-05.pt) for FID on RGB images"""
+    fid_ref: Optional[str] = None
+    """.npz with mu and sigma of the reference features (default: computed from the data)"""
     ckpt_every: int = 1000
     """write the training checkpoint every this many steps (and at the end)"""
     resume: Optional[str] = None
-    """training checkpoint (ckpt.safetensors) or run folder to continue from"""
+    """run folder or ckpt.safetensors to continue from; its args.json gives every flag not given here"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "cleanflow"
@@ -147,40 +163,39 @@ class Args:
     """upper end of the distribution-matching time before the shift (as DMD2)"""
     sim_steps: int = 2
     """flow-map steps M of the backward simulation, sg on intermediates (paper: 2; 1 scratch)"""
-    cd_mu: float = -0.6
-    """L_CD gap d = sigmoid(N(cd_mu, cd_sigma)) (AYF re-implementation)"""
-    cd_sigma: float = 1.6
-    """std of the L_CD gap logit"""
+    cd_time: str = "pair"
+    """L_CD times: pair (paper B.1: two draws "then reordered", t = max, s = min; the law was lost in our copy:
+    LN(cd_mu, cd_sigma)) or gap (AYF: d = sigmoid(N(cd_mu, cd_sigma)), s ~ U(0, 1 - d), t = s + d; AYF -0.6, 1.6)"""
+    cd_mu: float = -0.4
+    """mean of the L_CD time logit (a choice: MeanFlow's -0.4)"""
+    cd_sigma: float = 1.0
+    """std of the L_CD time logit (a choice: MeanFlow's 1.0)"""
     diag_ratio: float = 0.5
     """fraction of the L_CD batch with s = t (paper B.1: 50%)"""
-    tangent_r: float = 0.99
-    """final tangent weight r of EMD (AYF: 0.99)"""
+    tangent_r_max: float = 1.0
+    """final tangent weight r of EMD (paper: 1, the exact map is a fixed point only at r = 1; AYF: 0.99)"""
     tangent_warmup: int = 500
-    """steps over which r ramps linearly from 0 to tangent_r"""
+    """steps over which r ramps linearly from 0 to tangent_r_max"""
+    tangent_norm: bool = False
+    """normalize g / (||g|| + cd_eps) as AYF (paper A.4: CD trains stably without it, and it degrades CD)"""
     cd_eps: float = 0.1
-    """EMD normalization g / (||g|| + cd_eps) (AYF: 0.1)"""
+    """EMD normalization constant (AYF: 0.1; only with --tangent-norm)"""
+    fake_ema_decay: float = 0.99995
+    """decay of the EMA generator that supplies v_fake (paper: 0.99995), separate from --ema-decay (evaluation)"""
 
 
 def check_args(args):
-    # ---- checks: a clear one-line error naming the flag
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "ckpt_every", "hidden", "depth", "heads", "patch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    for name in ("ema_decay", "label_dropout", "dropout"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
-    if args.lr <= 0 or any(k <= 0 for k in args.eval_steps):
-        raise SystemExit(f"--lr {args.lr} / --eval-steps {args.eval_steps}: expected positive values")
+    # ---- checks: a clear one-line error naming the flag (the generic flags: common/run.py)
     for name in ("sim_steps", "tangent_warmup"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if not 0 <= args.t_min < args.t_max <= 1 or not 0 <= args.cfg_t_min <= args.cfg_t_max <= 1:
         raise SystemExit(f"--t-min {args.t_min} / --t-max {args.t_max} / --cfg-t-min {args.cfg_t_min} / --cfg-t-max {args.cfg_t_max}: expected 0 <= min < max <= 1")
-    for name in ("diag_ratio", "tangent_r"):
+    for name in ("diag_ratio", "tangent_r_max", "fake_ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
-    if args.dm_weight < 0 or args.shift <= 0 or args.cd_eps <= 0 or args.cd_sigma <= 0:
-        raise SystemExit(f"--dm-weight {args.dm_weight} >= 0, --shift {args.shift} > 0, --cd-eps {args.cd_eps} > 0, --cd-sigma {args.cd_sigma} > 0 expected")
+    if args.dm_weight < 0 or args.shift <= 0 or args.cd_eps <= 0 or args.cd_sigma <= 0 or args.cd_time not in ("pair", "gap"):
+        raise SystemExit(f"--dm-weight {args.dm_weight} >= 0, --shift {args.shift} > 0, --cd-eps {args.cd_eps} > 0, --cd-sigma {args.cd_sigma} > 0, --cd-time pair|gap expected")
 
 
 # ---------------------------------------------------------------- ALGO LOGIC
@@ -237,15 +252,19 @@ def dm_loss(x0, y, teacher, fake, null, args):
         w = (x0 - (x_t - bc(t, x0) * v_real)).abs().flatten(1).mean(1)
         grad = torch.nan_to_num(bc(t, x0) * (v_real - v_fake) / bc(w, x0))
     loss = 0.5 * ((x0 - (x0 - grad).detach()) ** 2).flatten(1).sum(1).mean()
-    return loss, {"loss_dm": loss.item(), "dm_w": w.mean().item()}
+    return loss, {"loss_dm": loss.detach(), "dm_w": w.mean()}
 
 
 def sample_cd_ts(n, args, device):
-    """AYF times: gap d = sigmoid(N(cd_mu, cd_sigma)), s ~ U(0, 1 - d), t = s + d; s = t on the first
+    """L_CD times (--cd-time): pair, t = max and s = min of two LN(cd_mu, cd_sigma) draws (paper B.1), or
+    AYF's gap d = sigmoid(N(cd_mu, cd_sigma)), s ~ U(0, 1 - d), t = s + d; s = t on the first
     round(diag_ratio n) rows."""
-    d = torch.sigmoid(args.cd_mu + args.cd_sigma * torch.randn(n, device=device))
-    s = (1 - d) * torch.rand(n, device=device)
-    t = s + d
+    a, b = torch.sigmoid(args.cd_mu + args.cd_sigma * torch.randn(2, n, device=device))
+    if args.cd_time == "pair":
+        t, s = torch.maximum(a, b), torch.minimum(a, b)
+    else:
+        s = (1 - a) * b
+        t = s + a
     return t, torch.where(torch.arange(n, device=device) < round(args.diag_ratio * n), t, s)
 
 
@@ -255,42 +274,28 @@ def cd_loss(net, teacher, x, y, null, r, args):
     e = torch.randn_like(x)
     t, s = sample_cd_ts(len(x), args, x.device)
     x_t = (1 - bc(t, x)) * x + bc(t, x) * e
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # same dropout masks below
         v = e - x if args.teacher == "self" else guided(teacher, x_t, t, y, null, args)
         u_m, du_dt = torch.func.jvp(lambda z, t_: net(z, t_, s, y), (x_t, t), (v, torch.ones_like(t)))
         g = (u_m - v) + r * bc(t - s, x) * du_dt
-        g = g / (bc(g.flatten(1).norm(dim=1), x) + args.cd_eps)
+        if args.tangent_norm:
+            g = g / (bc(g.flatten(1).norm(dim=1), x) + args.cd_eps)
     loss = ((net(x_t, t, s, y) - (u_m - g)) ** 2).flatten(1).sum(1).mean()
-    return loss, {"loss_cd": loss.item()}
+    return loss, {"loss_cd": loss.detach()}
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, overrides = parse_args(Args)  # with --resume, the run's args.json gives every flag not given
     check_args(args)
+    method = os.path.basename(__file__)[: -len(".py")]
 
     # ---- seeding, device, distributed
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    run_dir = os.path.join(args.out_dir, args.exp_name, args.dataset)
-    if args.resume:
-        ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
-        run_dir = os.path.dirname(ckpt_path)
-    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
-        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or choose another --out-dir / --exp-name")
+    rank, world, device, run_dir, ckpt_path = setup(args, method)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank; the loop reseeds per micro-batch
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     # ---- data
-    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)
+    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)  # yields this rank's share
     info = loader.info
     null = info["num_classes"]  # the null label id; unconditional data only ever uses it
 
@@ -306,138 +311,116 @@ if __name__ == "__main__":
     else:
         teacher, teacher_net = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
     net = (copy.deepcopy(teacher_net).requires_grad_(True).train() if teacher_net is not None else make_net()).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()  # also the fake side: v_fake = ema(x_t, t, 0, y)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    net.grad_ckpt = args.grad_ckpt
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    ema_fake = copy.deepcopy(ema)  # the fake side: v_fake = ema_fake(x_t, t, 0, y), its own (slow) decay
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
-    saved = {"net": net, "ema": ema, "opt": opt}  # no fake network, no second optimizer
-    step = 0
+    saved = {"net": net, "ema": ema, "ema_fake": ema_fake, "opt": opt}  # no fake network, no second optimizer
+    ddp_net = ddp(net, world)
 
     # ---- resume
+    step, wall0 = 0, 0.0  # wall0: wall time of earlier segments
     if args.resume:
-        state = load_state(ckpt_path)
-        if state["config"] != net.config:
-            raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
+        state = load_checkpoint(ckpt_path, method, args, net.config)
         for k, m in saved.items():
             m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = state["step"]
-    wall0 = state.get("wall_time_s", 0.0) if args.resume else 0.0  # wall time of earlier segments
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+        step, wall0 = state["step"], state["wall_time_s"]
 
     # ---- logging
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "metrics.jsonl")
-    if rank == 0:
-        rows = [json.loads(r) for r in open(log_path)] if args.resume and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:  # on resume keep only the rows up to the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = None
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(run_dir)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=asdict(args))
-
-    def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if writer is not None and k != "step":
-                writer.add_scalar(k, v, row["step"])
-        if args.track:
-            wandb.log(row, step=row["step"])
+    log = RunLog(args, run_dir, step, overrides, enabled=rank == 0).log
 
     # ---- evaluation
-    evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
+    evaluator = Evaluator(loader, args.eval_samples, args.seed, device=device, vae=args.vae, fid_ref=args.fid_ref,
+                          inception=args.inception, batch=args.eval_batch)
 
-    def evaluate(final=False):
+    def evaluate(final=False):  # every rank samples its share; rank 0 draws the grid
         metrics = evaluator(sample_fn, args.eval_steps)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
-        save_grid(sample_fn, loader, args.eval_steps, path, args.seed)
-        if final:
-            shutil.copyfile(path, os.path.join(run_dir, "samples.png"))
+        if rank == 0:
+            write_files(lambda: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), path)
+            if final:
+                write_files(lambda: copy_atomic(path, os.path.join(run_dir, "samples.png")), "samples.png")
         return metrics
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
-                    "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "wall_time_s": wall0 + time.time() - start,
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
-                   os.path.join(run_dir, "ckpt.safetensors"))
-        save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
+        if rank == 0:
+            write_files(lambda: save_state({"method": method, "dataset": args.dataset, "config": net.config, "step": step,
+                                            **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict(),
+                                            "wall_time_s": wall0 + time.time() - start}, os.path.join(run_dir, "ckpt.safetensors")),
+                        f"the checkpoint in {run_dir}")
+            write_files(lambda: save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=method, step=step),
+                        f"model.safetensors in {run_dir}")
 
-    # ---- cost: one forward pass of the same network on a training batch
-    x0, y0 = loader.sample(args.batch_size, torch.Generator().manual_seed(args.seed))
-    fwd_time = time_forward(net, x0.to(device), y0.to(device))
+    # ---- cost: one forward pass of the same network on a training micro-batch
+    x0, y0 = loader.sample(args.batch_size // (world * args.grad_accum), torch.Generator().manual_seed(args.seed))
+    with amp:
+        fwd_time = time_forward(net, x0.to(device), y0.to(device))
 
     # ---- training loop
-    start, step_times, last = time.time(), [], {}
+    start, step_times, last, metrics = time.time(), [], {}, {}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.steps:
         tic = time.perf_counter()
-        x, y = next(loader)
-        x, y = x.to(device), y.to(device)
-        y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, torch.full_like(y, null), y)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
-        r = args.tangent_r * min(1.0, (step + 1) / args.tangent_warmup)
-        loss_cd, terms = cd_loss(ddp_net, teacher, x, y, null, r, args)
-        x0 = generate(ddp_net, torch.randn_like(x), y, args.sim_steps)
-        loss_dm, dm_terms = dm_loss(x0, y, teacher, ema, null, args)  # the fake side is the EMA generator
-        loss = loss_cd + args.dm_weight * loss_dm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        x, y = next(loader)  # this rank's share of the global batch
+        terms = []
+        for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+            torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)
+            r = args.tangent_r_max * min(1.0, (step + 1) / args.tangent_warmup)
+            with no_sync([ddp_net], i < args.grad_accum - 1):
+                with amp:
+                    loss_cd, t_i = cd_loss(ddp_net, teacher, x, y, null, r, args)
+                    x0 = generate(ddp_net, torch.randn_like(x), y, args.sim_steps)
+                    loss_dm, dm_terms = dm_loss(x0, y, teacher, ema_fake, null, args)  # the fake side is an EMA generator
+                    loss = loss_cd + args.dm_weight * loss_dm
+                (loss / args.grad_accum).backward()
+            terms.append({**t_i, **dm_terms, "loss": loss.detach()})
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        terms.update(dm_terms, loss=loss.item(), grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
-        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
-            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
+        terms = {**mean_terms(terms), "grad_norm": gnorm}
+        stop_if_nonfinite(terms, step, run_dir)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
+        torch._foreach_lerp_(list(ema_fake.parameters()), list(net.parameters()), 1 - args.fake_ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+        if step % args.log_every == 0 or step == args.steps:
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
+            last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": opt.param_groups[0]["lr"],
+                    "sec_per_step": sec, "fpe": sec / (fwd_time * args.grad_accum)}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", fpe=f"{last['fpe']:.1f}")
             log(last)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(final=step == args.steps)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()  # before the evaluation: a crash there loses nothing
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate(final=step == args.steps)
             log({"step": step, **metrics})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+            if rank == 0:
+                bar.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no metrics")
+                          + (f" ({evaluator.note})" if evaluator.note else ""))
     bar.close()
 
     # ---- summary
-    if rank == 0:
-        summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
-                   "wall_time_s": wall0 + time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
-                   "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
-                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
+    if rank == 0 and step_times:
+        sec = float(np.median(step_times))
+        summary = {"method": method, "dataset": args.dataset, "seed": args.seed, "steps": step, "wall_time_s": wall0 + time.time() - start,
+                   "sec_per_step": sec, "fwd_time_s": fwd_time, "fpe": sec / (fwd_time * args.grad_accum),
+                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics}, "world_size": world,
                    "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
                                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                    "command": " ".join(sys.argv)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_files(lambda: json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=1), "summary.json")
         print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -24,9 +24,15 @@ v_g = v outside and for dropped labels; effective scale w / (1 - k). Sampling: K
 steps x <- x - (t_k - t_{k+1}) net(x, t_k, t_{k+1}, y), no guidance (it is baked in).
 
 Cost: where s = t the target is v_g exactly (the JVP term is multiplied by t - s = 0), so only
-the `ratio` rows pay for a JVP; the others take a plain forward. Same loss, fewer FLOPs.
-Deviations: none in the loss; our DiT embeds (t, h = t - s) by adaLN like the paper's.
-Dropout masks are shared between primal and tangent because both come from one jvp call.
+the `ratio` rows pay for a JVP. The tangent du/dt is detached, so it is computed by one JVP
+without grad (autograd never stores it), then u by one forward with grad on the whole batch:
+same loss, fewer FLOPs and less activation memory than a JVP recorded for autograd.
+Label dropout (--label-dropout-rows): the official code drops the labels of the first Bin(B, 0.1)
+rows, which are s = t rows, so the null class is trained on instantaneous velocities only; per-row
+random dropout (the old behaviour here) also trains unconditional average velocities. Default:
+the official. Deviations: none in the loss; our DiT embeds (t, h = t - s) by adaLN like the
+paper's. With --dropout > 0 the JVP runs on the whole batch in a forked RNG, so its masks are
+the forward's.
 
 Run:        python methods/meanflow.py                  (2-D gmm, a few minutes on a CPU)
             python methods/meanflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
@@ -40,11 +46,9 @@ import copy
 import json
 import os
 import platform
-import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -53,8 +57,10 @@ import tyro
 from tqdm import tqdm
 
 from common.data import make_loader
-from common.dit import DiT, MLP, load_state, save, save_state
+from common.dit import DiT, MLP, save, save_state
 from common.eval import Evaluator, save_grid, time_forward
+from common.run import (RunLog, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+                        stop_if_nonfinite, write_files)
 
 
 @dataclass
@@ -62,7 +68,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (the method file by default)"""
     seed: int = 0
-    """seed of torch, numpy, random and the data stream"""
+    """seed of the initial weights, the noise and the data stream"""
     dataset: str = "gmm"
     """checkerboard | moons | spirals | 8gaussians | gmm | mnist | cifar10 | imagenet-latent"""
     data_root: str = "data"
@@ -74,7 +80,9 @@ class Args:
     steps: int = 3000
     """number of training steps"""
     batch_size: int = 256
-    """batch size per process"""
+    """global batch size (the papers' number): split over processes and --grad-accum micro-batches"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
     lr: float = 1e-3
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -101,18 +109,32 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    tf32: bool = False
+    """allow TF32 matmuls on CUDA in fp32"""
+    grad_ckpt: bool = False
+    """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
     """evaluate and save a sample grid every this many steps (and at the end)"""
     eval_samples: int = 2000
-    """samples per evaluation"""
+    """samples per evaluation (split over processes)"""
+    eval_batch: int = 500
+    """sampling batch per process during evaluation"""
     eval_steps: tuple[int, ...] = (1, 2, 4)
     """sampling step counts to evaluate"""
+    vae: Optional[str] = None
+    """local diffusers AutoencoderKL folder: latents are decoded for FID and grids"""
+    inception: Optional[str] = None
+    """clean-fid Inception TorchScript file (inception-2015-12-05.pt) for FID on RGB images"""
+    fid_ref: Optional[str] = None
+    """.npz with mu and sigma of the reference features (default: computed from the data)"""
     ckpt_every: int = 1000
     """write the training checkpoint every this many steps (and at the end)"""
     resume: Optional[str] = None
-    """training checkpoint (ckpt.safetensors) or run folder to continue from"""
+    """run folder or ckpt.safetensors to continue from; its args.json gives every flag not given here"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "cleanflow"
@@ -140,23 +162,20 @@ class Args:
     """guidance applies for t in [cfg_t_min, cfg_t_max]"""
     cfg_t_max: float = 1.0
     """upper end of the guidance interval"""
+    label_dropout_rows: str = "first"
+    """first: Bin(B, p) dropped labels on the first rows, which are s = t rows (official cond_drop), so the null
+    class learns only velocities; random: each row with probability p (also unconditional average velocities)"""
 
 
 def check_args(args):
-    # ---- checks: a clear one-line error naming the flag
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "ckpt_every", "hidden", "depth", "heads", "patch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    for name in ("ema_decay", "label_dropout", "dropout"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
-    if args.lr <= 0 or any(k <= 0 for k in args.eval_steps):
-        raise SystemExit(f"--lr {args.lr} / --eval-steps {args.eval_steps}: expected positive values")
+    # ---- checks: a clear one-line error naming the flag (the generic flags: common/run.py)
     for name in ("ratio", "cfg_t_min", "cfg_t_max"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
     if args.norm_eps <= 0 or args.norm_p < 0 or args.cfg_kappa >= 1:
         raise SystemExit(f"--norm-eps {args.norm_eps} > 0, --norm-p {args.norm_p} >= 0, --cfg-kappa {args.cfg_kappa} < 1 expected")
+    if args.label_dropout_rows not in ("first", "random"):
+        raise SystemExit(f"--label-dropout-rows {args.label_dropout_rows}: expected first or random")
 
 
 # ---------------------------------------------------------------- ALGO LOGIC
@@ -188,20 +207,18 @@ def guided_velocity(net, x_t, t, v, y, null, args):
     return torch.where((y != null).view(-1, *[1] * (x_t.dim() - 1)), v_g, v)
 
 
-def mean_velocity_and_target(net, x_t, t, s, y, v_g, m):
-    """u = net(x_t, t, s, y) and u_tgt = v_g - (t - s) du/dt (eq. 10, not yet stop-gradient);
-    rows 0..m-1 have s = t and take a plain forward (their target is v_g), the rest one JVP."""
-    dims = [1] * (x_t.dim() - 1)
-    u, u_tgt = [], []
-    if m > 0:
-        u.append(net(x_t[:m], t[:m], t[:m], y[:m]))
-        u_tgt.append(v_g[:m])
-    if m < len(x_t):
-        s_, y_ = s[m:], y[m:]
-        u_j, du_dt = torch.func.jvp(lambda z, t_: net(z, t_, s_, y_), (x_t[m:], t[m:]), (v_g[m:], torch.ones_like(t[m:])))
-        u.append(u_j)
-        u_tgt.append(v_g[m:] - (t[m:] - s_).view(-1, *dims) * du_dt)
-    return torch.cat(u), torch.cat(u_tgt)
+def mean_velocity_and_target(net, x_t, t, s, y, v_g, m, dropout):
+    """u = net(x_t, t, s, y) (one forward, with grad) and the target u_tgt = v_g - (t - s) du/dt
+    (eq. 10, no grad). du/dt: one JVP without grad (autograd never records the tangent), in a
+    forked RNG so the forward draws the same dropout masks; only rows m.. (s != t) need it (rows
+    0..m-1 have s = t: their target is v_g), unless dropout asks for the whole batch's masks."""
+    j = 0 if dropout > 0 else m
+    u_tgt = v_g.clone()
+    if j < len(x_t):
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []):
+            _, du_dt = torch.func.jvp(lambda z, t_: net(z, t_, s[j:], y[j:]), (x_t[j:], t[j:]), (v_g[j:], torch.ones_like(t[j:])))
+        u_tgt[j:] = v_g[j:] - (t[j:] - s[j:]).view(-1, *[1] * (x_t.dim() - 1)) * du_dt
+    return net(x_t, t, s, y), u_tgt
 
 
 def meanflow_loss(net, x, y, args, null):
@@ -212,12 +229,20 @@ def meanflow_loss(net, x, y, args, null):
     t, s = sample_ts(n, n_jvp, args, x.device)
     x_t = (1 - t.view(-1, *dims)) * x + t.view(-1, *dims) * e
     v_g = guided_velocity(net, x_t, t, e - x, y, null, args)
-    u, u_tgt = mean_velocity_and_target(net, x_t, t, s, y, v_g, n - n_jvp)
+    u, u_tgt = mean_velocity_and_target(net, x_t, t, s, y, v_g, n - n_jvp, args.dropout)
     l = ((u - u_tgt.detach()) ** 2).flatten(1).sum(1)
     loss = (l / (l.detach() + args.norm_eps) ** args.norm_p).mean()
-    m = n - n_jvp
-    return loss, {"loss": loss.item(), "mse": l.mean().item(), "mse_fm": l[:m].mean().item() if m else 0.0,
-                  "mse_mf": l[m:].mean().item() if n_jvp else 0.0}
+    m, zero = n - n_jvp, l.new_zeros(())
+    return loss, {"loss": loss.detach(), "mse": l.detach().mean(), "mse_fm": l[:m].detach().mean() if m else zero,
+                  "mse_mf": l[m:].detach().mean() if n_jvp else zero}
+
+
+def drop_labels(y, null, args):
+    """Label dropout to the null class (see --label-dropout-rows)."""
+    if args.label_dropout_rows == "first":
+        k = int(torch.binomial(torch.tensor(float(len(y))), torch.tensor(args.label_dropout)))
+        return torch.where(torch.arange(len(y), device=y.device) < k, null, y)
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
 
 
 @torch.no_grad()
@@ -231,32 +256,17 @@ def sample(net, e, y, steps):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, overrides = parse_args(Args)  # with --resume, the run's args.json gives every flag not given
     check_args(args)
+    method = os.path.basename(__file__)[: -len(".py")]
 
     # ---- seeding, device, distributed
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    run_dir = os.path.join(args.out_dir, args.exp_name, args.dataset)
-    if args.resume:
-        ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
-        run_dir = os.path.dirname(ckpt_path)
-    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
-        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or choose another --out-dir / --exp-name")
+    rank, world, device, run_dir, ckpt_path = setup(args, method)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank; the loop reseeds per micro-batch
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     # ---- data
-    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)
+    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)  # yields this rank's share
     info = loader.info
     null = info["num_classes"]  # the null label id; unconditional data only ever uses it
 
@@ -268,134 +278,110 @@ if __name__ == "__main__":
                    info["num_classes"], n_cond, args.qk_norm, args.dropout)
 
     net = make_net().to(device)
+    net.grad_ckpt = args.grad_ckpt
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
-    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides data/RNG state
-    step = 0
+    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides the data stream
+    ddp_net = ddp(net, world)
 
     # ---- resume
+    step, wall0 = 0, 0.0  # wall0: wall time of earlier segments
     if args.resume:
-        state = load_state(ckpt_path)
-        if state["config"] != net.config:
-            raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
+        state = load_checkpoint(ckpt_path, method, args, net.config)
         for k, m in saved.items():
             m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = state["step"]
-    wall0 = state.get("wall_time_s", 0.0) if args.resume else 0.0  # wall time of earlier segments
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+        step, wall0 = state["step"], state["wall_time_s"]
 
     # ---- logging
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "metrics.jsonl")
-    if rank == 0:
-        rows = [json.loads(r) for r in open(log_path)] if args.resume and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:  # on resume keep only the rows up to the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = None
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(run_dir)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=asdict(args))
-
-    def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if writer is not None and k != "step":
-                writer.add_scalar(k, v, row["step"])
-        if args.track:
-            wandb.log(row, step=row["step"])
+    log = RunLog(args, run_dir, step, overrides, enabled=rank == 0).log
 
     # ---- evaluation
-    evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
+    evaluator = Evaluator(loader, args.eval_samples, args.seed, device=device, vae=args.vae, fid_ref=args.fid_ref,
+                          inception=args.inception, batch=args.eval_batch)
 
-    def evaluate(final=False):
+    def evaluate(final=False):  # every rank samples its share; rank 0 draws the grid
         metrics = evaluator(sample_fn, args.eval_steps)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
-        save_grid(sample_fn, loader, args.eval_steps, path, args.seed)
-        if final:
-            shutil.copyfile(path, os.path.join(run_dir, "samples.png"))
+        if rank == 0:
+            write_files(lambda: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), path)
+            if final:
+                write_files(lambda: copy_atomic(path, os.path.join(run_dir, "samples.png")), "samples.png")
         return metrics
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
-                    "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "wall_time_s": wall0 + time.time() - start,
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
-                   os.path.join(run_dir, "ckpt.safetensors"))
-        save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
+        if rank == 0:
+            write_files(lambda: save_state({"method": method, "dataset": args.dataset, "config": net.config, "step": step,
+                                            **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict(),
+                                            "wall_time_s": wall0 + time.time() - start}, os.path.join(run_dir, "ckpt.safetensors")),
+                        f"the checkpoint in {run_dir}")
+            write_files(lambda: save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=method, step=step),
+                        f"model.safetensors in {run_dir}")
 
-    # ---- cost: one forward pass of the same network on a training batch
-    x0, y0 = loader.sample(args.batch_size, torch.Generator().manual_seed(args.seed))
-    fwd_time = time_forward(net, x0.to(device), y0.to(device))
+    # ---- cost: one forward pass of the same network on a training micro-batch
+    x0, y0 = loader.sample(args.batch_size // (world * args.grad_accum), torch.Generator().manual_seed(args.seed))
+    with amp:
+        fwd_time = time_forward(net, x0.to(device), y0.to(device))
 
     # ---- training loop
-    start, step_times, last = time.time(), [], {}
+    start, step_times, last, metrics = time.time(), [], {}, {}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.steps:
         tic = time.perf_counter()
-        x, y = next(loader)
-        x, y = x.to(device), y.to(device)
-        y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, torch.full_like(y, null), y)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
-        loss, terms = meanflow_loss(ddp_net, x, y, args, null)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        x, y = next(loader)  # this rank's share of the global batch
+        terms = []
+        for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+            torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            y = drop_labels(y, null, args)
+            with no_sync([ddp_net], i < args.grad_accum - 1):
+                with amp:
+                    loss, t_i = meanflow_loss(ddp_net, x, y, args, null)
+                (loss / args.grad_accum).backward()
+            terms.append(t_i)
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        terms.update(grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
-        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
-            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
+        terms = {**mean_terms(terms), "grad_norm": gnorm}
+        stop_if_nonfinite(terms, step, run_dir)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+        if step % args.log_every == 0 or step == args.steps:
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
+            last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": opt.param_groups[0]["lr"],
+                    "sec_per_step": sec, "fpe": sec / (fwd_time * args.grad_accum)}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", fpe=f"{last['fpe']:.1f}")
             log(last)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(final=step == args.steps)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()  # before the evaluation: a crash there loses nothing
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate(final=step == args.steps)
             log({"step": step, **metrics})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+            if rank == 0:
+                bar.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no metrics")
+                          + (f" ({evaluator.note})" if evaluator.note else ""))
     bar.close()
 
     # ---- summary
-    if rank == 0:
-        summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
-                   "wall_time_s": wall0 + time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
-                   "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
-                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
+    if rank == 0 and step_times:
+        sec = float(np.median(step_times))
+        summary = {"method": method, "dataset": args.dataset, "seed": args.seed, "steps": step, "wall_time_s": wall0 + time.time() - start,
+                   "sec_per_step": sec, "fwd_time_s": fwd_time, "fpe": sec / (fwd_time * args.grad_accum),
+                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics}, "world_size": world,
                    "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
                                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                    "command": " ".join(sys.argv)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_files(lambda: json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=1), "summary.json")
         print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
     if world > 1:
         torch.distributed.destroy_process_group()

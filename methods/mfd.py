@@ -21,7 +21,7 @@ paper lost its equations; in cleanflow notation (METHODS.md section 6, checked a
 
 A descent step moves x0 along u_A - u_T = u_fake - u_real (the sign rule of METHODS.md section 0).
 The Jacobian of the ODE solution w.r.t. x_t is dropped on purpose (eq. 18 -> 19, paper B.6): the
-rollouts run under no_grad and u_A, u_T are constants. `ratio` auxiliary updates precede every
+rollouts run under no_grad and u_A, u_T are constants. `aux_ratio` auxiliary updates precede every
 student update (Alg. 1, TTUR). VSD limit: `--ode-step 1` (any step >= t - r) gives K = 1 for
 every pair, u_F = v_F(x_t, t), i.e. the Diff-Instruct / VSD gradient (1 - t)(v_A - v_T) at t =
 max of two draws (the official script reaches it with --r_not_equal_t_ratio 0, r = t: the same).
@@ -29,7 +29,7 @@ Where: sample_tr (times), avg_velocity (eq. 15-16), student_loss (eq. 17-20), au
 generate (the student sampler; Alg. 1 is the training loop at the bottom).
 
 Official code over METHODS.md / paper: times uniform by default (the code; LN(-0.4, 1) of paper
-A.3 with --time-dist logit-normal); ratio 9:1 (code default 9 aux + 1 student per cycle; paper
+A.3 with --time-dist logit-normal); aux-ratio 9:1 (code default 9 aux + 1 student per cycle; paper
 text "10:1"; the SANA launch script uses blocks of 50 + 20); both losses are means over all
 elements as the code's (the fm teacher sums over dimensions: a constant factor); the auxiliary
 net never sees the null label (the code trains it on the prompt only). Deviations: continuous
@@ -37,8 +37,8 @@ t, r (the code rounds them to 1/1000, SANA's timestep grid); full network copies
 adapters on a shared base; u_F is computed as the mean of the K Euler velocities, which equals
 (x_t - x_r)/(t - r) exactly but has no cancellation when t - r is tiny; per-sample K in one
 batch (the loop runs max K, each row only its own K steps; the code has batch size 1). One
-training step = `ratio` auxiliary updates + one student update (--steps counts student
-updates). `label_dropout` is unused. With a teacher checkpoint the student and aux copy its
+training step = `aux_ratio` auxiliary updates + one student update (--steps counts student
+updates). `label_dropout` is unused; the auxiliary net's labels are resampled from the batch's. With a teacher checkpoint the student and aux copy its
 network (--hidden, --depth ... are ignored); with `--teacher oracle` (gmm) they are fresh nets.
 Multi-step student (`--gen-steps`, the code trains SANA at 4 with gradient through every step)
 and sampling: Euler on the student's velocity, x <- x - (t_k - t_{k+1}) net(x, t_k, t_k, y);
@@ -54,11 +54,9 @@ import copy
 import json
 import os
 import platform
-import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -67,8 +65,10 @@ import tyro
 from tqdm import tqdm
 
 from common.data import make_loader
-from common.dit import DiT, MLP, load_state, load_teacher, save, save_state
+from common.dit import DiT, MLP, load_teacher, save, save_state
 from common.eval import Evaluator, save_grid, time_forward
+from common.run import (RunLog, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+                        stop_if_nonfinite, write_files)
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (the method file by default)"""
     seed: int = 0
-    """seed of torch, numpy, random and the data stream"""
+    """seed of the initial weights, the noise and the data stream"""
     dataset: str = "gmm"
     """checkerboard | moons | spirals | 8gaussians | gmm | mnist | cifar10 | imagenet-latent"""
     data_root: str = "data"
@@ -88,7 +88,9 @@ class Args:
     steps: int = 3000
     """number of training steps"""
     batch_size: int = 256
-    """batch size per process"""
+    """global batch size (the papers' number): split over processes and --grad-accum micro-batches"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
     lr: float = 1e-3
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -115,18 +117,32 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    tf32: bool = False
+    """allow TF32 matmuls on CUDA in fp32"""
+    grad_ckpt: bool = False
+    """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
     """evaluate and save a sample grid every this many steps (and at the end)"""
     eval_samples: int = 2000
-    """samples per evaluation"""
+    """samples per evaluation (split over processes)"""
+    eval_batch: int = 500
+    """sampling batch per process during evaluation"""
     eval_steps: tuple[int, ...] = (1, 2, 4)
     """sampling step counts to evaluate"""
+    vae: Optional[str] = None
+    """local diffusers AutoencoderKL folder: latents are decoded for FID and grids"""
+    inception: Optional[str] = None
+    """clean-fid Inception TorchScript file (inception-2015-12-05.pt) for FID on RGB images"""
+    fid_ref: Optional[str] = None
+    """.npz with mu and sigma of the reference features (default: computed from the data)"""
     ckpt_every: int = 1000
     """write the training checkpoint every this many steps (and at the end)"""
     resume: Optional[str] = None
-    """training checkpoint (ckpt.safetensors) or run folder to continue from"""
+    """run folder or ckpt.safetensors to continue from; its args.json gives every flag not given here"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "cleanflow"
@@ -142,7 +158,7 @@ class Args:
     """teacher guidance w, v_cfg = v_u + w (v_c - v_u) (official SANA: 4.5)"""
     ode_step: float = 0.02
     """Euler step of the rollouts over [r, t], K = ceil((t - r) / ode_step); >= 1: K = 1, the VSD limit"""
-    ratio: int = 9
+    aux_ratio: int = 9
     """auxiliary-net updates per student update (official code 9; paper text 10)"""
     aux_lr: float = 1e-3
     """AdamW learning rate of the auxiliary net (official 1e-4)"""
@@ -157,21 +173,13 @@ class Args:
 
 
 def check_args(args):
-    # ---- checks: a clear one-line error naming the flag
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "ckpt_every", "hidden", "depth", "heads", "patch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    for name in ("ema_decay", "label_dropout", "dropout"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value in [0, 1]")
-    if args.lr <= 0 or any(k <= 0 for k in args.eval_steps):
-        raise SystemExit(f"--lr {args.lr} / --eval-steps {args.eval_steps}: expected positive values")
+    # ---- checks: a clear one-line error naming the flag (the generic flags: common/run.py)
     if args.time_dist not in ("logit-normal", "uniform"):
         raise SystemExit(f"--time-dist {args.time_dist}: expected logit-normal or uniform")
     if not args.ode_step > 0:
         raise SystemExit(f"--ode-step {args.ode_step}: expected a positive step size (>= 1 gives the VSD limit)")
-    if args.ratio < 1:
-        raise SystemExit(f"--ratio {args.ratio}: expected an integer >= 1 (auxiliary updates per student update)")
+    if args.aux_ratio < 1:
+        raise SystemExit(f"--aux-ratio {args.aux_ratio}: expected an integer >= 1 (auxiliary updates per student update)")
     if args.gen_steps < 1 or args.aux_lr <= 0:
         raise SystemExit(f"--gen-steps {args.gen_steps} / --aux-lr {args.aux_lr}: expected an integer >= 1 / a positive value")
 
@@ -236,7 +244,7 @@ def student_loss(x0, y, teacher_v, aux_v, args):
     # Jacobian-free (eq. 19): d loss / d x0 = (1 - t)(u_T - u_A) / numel, so descent moves x0 along u_A - u_T
     loss = ((u_T - u_A) * x_t).mean()
     gap = (u_A - u_T).pow(2).flatten(1).sum(1).mean()
-    return loss, {"loss": loss.item(), "gap": gap.item(), "ode_k": K.float().mean().item()}
+    return loss, {"loss": loss.detach(), "gap": gap.detach(), "ode_k": K.float().mean()}
 
 
 def aux_loss(aux, x0, y, args):
@@ -250,32 +258,17 @@ def aux_loss(aux, x0, y, args):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, overrides = parse_args(Args)  # with --resume, the run's args.json gives every flag not given
     check_args(args)
+    method = os.path.basename(__file__)[: -len(".py")]
 
     # ---- seeding, device, distributed
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    run_dir = os.path.join(args.out_dir, args.exp_name, args.dataset)
-    if args.resume:
-        ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume {args.resume}: no training checkpoint there (expected a ckpt.safetensors file or a run folder holding one)")
-        run_dir = os.path.dirname(ckpt_path)
-    elif os.path.exists(os.path.join(run_dir, "ckpt.safetensors")):  # never overwrite a run
-        raise SystemExit(f"--out-dir {args.out_dir}: {run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or choose another --out-dir / --exp-name")
+    rank, world, device, run_dir, ckpt_path = setup(args, method)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank; the loop reseeds per micro-batch
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     # ---- data
-    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)
+    loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)  # yields this rank's share
     info = loader.info
     null = info["num_classes"]  # the null label id; unconditional data only ever uses it
 
@@ -289,85 +282,58 @@ if __name__ == "__main__":
     teacher, teacher_net = load_teacher(args.teacher, args.dataset, info, device, loader.gmm)
     net = (copy.deepcopy(teacher_net).requires_grad_(True).train() if teacher_net is not None else make_net()).to(device)
     aux = copy.deepcopy(net)  # the student's flow; starts at the teacher (or at the fresh student)
+    net.grad_ckpt = aux.grad_ckpt = args.grad_ckpt
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
-    opt_aux = torch.optim.AdamW(aux.parameters(), lr=args.aux_lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt_aux = torch.optim.AdamW(aux.parameters(), lr=args.aux_lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     teacher_v = lambda x, t, y: velocity(teacher, x, t, y, null, args.teacher_cfg)
     aux_v = lambda x, t, y: aux(x, t, t, y)
     sample_fn = torch.no_grad()(lambda e, y, k: generate(ema, e.to(device), y.to(device), k))
-    saved = {"net": net, "ema": ema, "opt": opt, "aux": aux, "opt_aux": opt_aux}  # what a checkpoint holds besides data/RNG state
-    step = 0
+    saved = {"net": net, "ema": ema, "opt": opt, "aux": aux, "opt_aux": opt_aux}  # what a checkpoint holds besides the data stream
+    ddp_net, ddp_aux = ddp(net, world), ddp(aux, world)
 
     # ---- resume
+    step, wall0 = 0, 0.0  # wall0: wall time of earlier segments
     if args.resume:
-        state = load_state(ckpt_path)
-        if state["config"] != net.config:
-            raise SystemExit(f"--resume {ckpt_path}: checkpoint network {state['config']} does not match the requested {net.config}")
+        state = load_checkpoint(ckpt_path, method, args, net.config)
         for k, m in saved.items():
             m.load_state_dict(state[k])
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = state["step"]
-    wall0 = state.get("wall_time_s", 0.0) if args.resume else 0.0  # wall time of earlier segments
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+        step, wall0 = state["step"], state["wall_time_s"]
 
     # ---- logging
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "metrics.jsonl")
-    if rank == 0:
-        rows = [json.loads(r) for r in open(log_path)] if args.resume and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:  # on resume keep only the rows up to the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = None
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(run_dir)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=asdict(args))
-
-    def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if writer is not None and k != "step":
-                writer.add_scalar(k, v, row["step"])
-        if args.track:
-            wandb.log(row, step=row["step"])
+    log = RunLog(args, run_dir, step, overrides, enabled=rank == 0).log
 
     # ---- evaluation
-    evaluator = Evaluator(loader, args.eval_samples, args.seed) if rank == 0 else None
+    evaluator = Evaluator(loader, args.eval_samples, args.seed, device=device, vae=args.vae, fid_ref=args.fid_ref,
+                          inception=args.inception, batch=args.eval_batch)
 
-    def evaluate(final=False):
+    def evaluate(final=False):  # every rank samples its share; rank 0 draws the grid
         metrics = evaluator(sample_fn, args.eval_steps)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
-        save_grid(sample_fn, loader, args.eval_steps, path, args.seed)
-        if final:
-            shutil.copyfile(path, os.path.join(run_dir, "samples.png"))
+        if rank == 0:
+            write_files(lambda: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), path)
+            if final:
+                write_files(lambda: copy_atomic(path, os.path.join(run_dir, "samples.png")), "samples.png")
         return metrics
 
     # ---- checkpoint
     def checkpoint():
-        save_state({"config": net.config, **{k: m.state_dict() for k, m in saved.items()},
-                    "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "wall_time_s": wall0 + time.time() - start,
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)},
-                   os.path.join(run_dir, "ckpt.safetensors"))
-        save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=args.exp_name, step=step)
+        if rank == 0:
+            write_files(lambda: save_state({"method": method, "dataset": args.dataset, "config": net.config, "step": step,
+                                            **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict(),
+                                            "wall_time_s": wall0 + time.time() - start}, os.path.join(run_dir, "ckpt.safetensors")),
+                        f"the checkpoint in {run_dir}")
+            write_files(lambda: save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=method, step=step),
+                        f"model.safetensors in {run_dir}")
 
-    # ---- cost: one forward pass of the same network on a training batch
-    x0, y0 = loader.sample(args.batch_size, torch.Generator().manual_seed(args.seed))
-    fwd_time = time_forward(net, x0.to(device), y0.to(device))
+    # ---- cost: one forward pass of the same network on a training micro-batch
+    x0, y0 = loader.sample(args.batch_size // (world * args.grad_accum), torch.Generator().manual_seed(args.seed))
+    with amp:
+        fwd_time = time_forward(net, x0.to(device), y0.to(device))
 
     # ---- training loop
-    ddp_aux = torch.nn.parallel.DistributedDataParallel(aux) if world > 1 else aux
-    start, step_times, last = time.time(), [], {}
+    start, step_times, last, metrics = time.time(), [], {}, {}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.steps:
         tic = time.perf_counter()
@@ -377,64 +343,71 @@ if __name__ == "__main__":
                 g["lr"] = lr * warm
         net.train()
         aux.train()
-        # `ratio` auxiliary updates on fresh samples of the current student (Alg. 1)
-        _, y_a = loader.sample(args.ratio * args.batch_size)
-        with torch.no_grad():
-            x_a = generate(net, torch.randn(len(y_a), *info["shape"], device=device), y_a.to(device), args.gen_steps)
-        for x_i, y_i in zip(x_a.chunk(args.ratio), y_a.to(device).chunk(args.ratio)):
-            loss_aux = aux_loss(ddp_aux, x_i, y_i, args)
-            opt_aux.zero_grad(set_to_none=True)
-            loss_aux.backward()
-            gnorm_aux = torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            opt_aux.step()
-        # one student update
-        _, y = next(loader)
-        y = y.to(device)
-        x0 = generate(ddp_net, torch.randn(len(y), *info["shape"], device=device), y, args.gen_steps)
-        loss, terms = student_loss(x0, y, teacher_v, aux_v, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        _, y = next(loader)  # this rank's share of the global batch: only its labels are used
+        micro = list(y.chunk(args.grad_accum))
+        # `aux_ratio` auxiliary updates on fresh samples of the current student (Alg. 1), then one student update
+        for j in range(args.aux_ratio + 1):
+            terms = []
+            for i, y in enumerate(micro):
+                torch.manual_seed(micro_seed(args.seed, step, (j * world + rank) * args.grad_accum + i))
+                y = y.to(device, non_blocking=True)
+                e = torch.randn(len(y), *info["shape"], device=device)
+                with no_sync([ddp_net, ddp_aux], i < args.grad_accum - 1):
+                    with amp:
+                        if j < args.aux_ratio:
+                            y_a = y[torch.randint(len(y), (len(y),), device=device)]  # fresh labels from the batch's
+                            with torch.no_grad():
+                                x_a = generate(net, e, y_a, args.gen_steps)
+                            loss, t_i = aux_loss(ddp_aux, x_a, y_a, args), {}
+                        else:
+                            x0 = generate(ddp_net, e, y, args.gen_steps)
+                            loss, t_i = student_loss(x0, y, teacher_v, aux_v, args)
+                    (loss / args.grad_accum).backward()
+                terms.append({**t_i, "aux_loss" if j < args.aux_ratio else "loss": loss.detach()})
+            if j < args.aux_ratio:
+                gnorm_aux = torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+                stop_if_nonfinite({"aux_loss": terms[-1]["aux_loss"], "aux_grad_norm": gnorm_aux}, step, run_dir)
+                opt_aux.step()
+                opt_aux.zero_grad(set_to_none=True)
+                aux_terms = mean_terms(terms)
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        terms.update(aux_loss=loss_aux.item(), aux_grad_norm=gnorm_aux.item(), grad_norm=gnorm.item(), lr=opt.param_groups[0]["lr"])
-        if not all(np.isfinite(v) for v in terms.values()):  # stop before a bad update reaches the weights
-            raise SystemExit(f"step {step}: non-finite loss or gradient {terms}; last good checkpoint kept in {run_dir}")
+        terms = {**mean_terms(terms), **aux_terms, "aux_grad_norm": gnorm_aux, "grad_norm": gnorm}
+        stop_if_nonfinite(terms, step, run_dir)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+        if step % args.log_every == 0 or step == args.steps:
             sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **terms, "sec_per_step": sec, "fpe": sec / fwd_time}
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", fpe=f"{sec / fwd_time:.1f}")
+            last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": opt.param_groups[0]["lr"],
+                    "sec_per_step": sec, "fpe": sec / (fwd_time * args.grad_accum)}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", fpe=f"{last['fpe']:.1f}")
             log(last)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(final=step == args.steps)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()  # before the evaluation: a crash there loses nothing
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate(final=step == args.steps)
             log({"step": step, **metrics})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+            if rank == 0:
+                bar.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no metrics")
+                          + (f" ({evaluator.note})" if evaluator.note else ""))
     bar.close()
 
     # ---- summary
-    if rank == 0:
-        summary = {"method": args.exp_name, "dataset": args.dataset, "seed": args.seed, "steps": step,
-                   "wall_time_s": wall0 + time.time() - start, "sec_per_step": float(np.median(step_times)) if step_times else None,
-                   "fwd_time_s": fwd_time, "fpe": float(np.median(step_times)) / fwd_time if step_times else None,
-                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics} if step_times else {},
+    if rank == 0 and step_times:
+        sec = float(np.median(step_times))
+        summary = {"method": method, "dataset": args.dataset, "seed": args.seed, "steps": step, "wall_time_s": wall0 + time.time() - start,
+                   "sec_per_step": sec, "fwd_time_s": fwd_time, "fpe": sec / (fwd_time * args.grad_accum),
+                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics}, "world_size": world,
                    "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
                                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                    "command": " ".join(sys.argv)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_files(lambda: json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=1), "summary.json")
         print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
     if world > 1:
         torch.distributed.destroy_process_group()
