@@ -111,6 +111,14 @@ def setup(args, method):
     return rank, world, device, run_dir, ckpt_path
 
 
+def check_net(args, info):
+    """The DiT's shape constraints, named by flag (before a ValueError from inside the network)."""
+    if info["kind"] == "image" and (info["shape"][1] % args.patch_size or args.hidden % args.heads or (args.hidden // args.heads) % 2
+                                    or args.hidden % 4):
+        raise SystemExit(f"--patch-size {args.patch_size} / --heads {args.heads} / --hidden {args.hidden}: the image side "
+                         f"{info['shape'][1]} must be divisible by the patch size, the hidden size by 4 and by the heads (even head dim)")
+
+
 def load_checkpoint(path, method, args, config):
     """The training state at `path`, refused (one line) when it belongs to another method file,
     data set or network, or when the run already reached --steps."""

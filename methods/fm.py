@@ -38,7 +38,7 @@ from tqdm import tqdm
 from common.data import make_loader
 from common.dit import DiT, MLP, save, save_state
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (RunLog, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+from common.run import (RunLog, check_net, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
                         stop_if_nonfinite, write_files)
 
 
@@ -197,6 +197,7 @@ if __name__ == "__main__":
     # ---- data
     loader = make_loader(args.dataset, args.batch_size, args.seed, args.data_root, args.download)  # yields this rank's share
     info = loader.info
+    check_net(args, info)
     null = info["num_classes"]  # the null label id; unconditional data only ever uses it
 
     # ---- model
