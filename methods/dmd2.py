@@ -8,14 +8,14 @@ ranges, the TTUR and the GAN weights; nothing copied).
 Idea: a generator G is trained so that its samples, noised to x_t, see the same velocity under the
 frozen teacher ("real") as under a "fake" velocity net trained on the generator's own samples; the
 difference is the gradient of KL(p_fake,t || p_real,t) (DMD eq. 7, DMD2 eq. 2). Notation of
-METHODS.md: denoiser-style generator G(x_t, t) = x_t - t net(x_t, t, t, y), one step G(e, 1),
+cleanflow (README, notation): denoiser-style generator G(x_t, t) = x_t - t net(x_t, t, t, y), one step G(e, 1),
 initialized from the flow-matching teacher, as is the fake velocity net.
 
     x0 = G(e, 1);  t ~ p_DM(t);  x_t = (1 - t) x0 + t n;  v_real = v_T^cfg(x_t, t),
     v_fake = fake(x_t, t);  x0_real = x_t - t v_real;  w = mean_dims |x0 - x0_real|  (per sample)
     grad = t (v_real - v_fake) / w  (= (x0_fake - x0_real) / w);   L_G = 0.5 mean((x0 - sg(x0 - grad))^2)
 
-so gradient descent moves x0 along -grad, toward x0_real (METHODS.md sign check). The fake net
+so gradient descent moves x0 along -grad, toward x0_real (the sign rule: a sample moves along v_fake - v_real). The fake net
 regresses the conditional velocity of sg(x0): L_fake = ||fake(x_t, t) - (n - sg(x0))||^2,
 t ~ U(0, 1) (official compute_loss_fake: all noise levels). Two time-scale update rule (DMD2 sec.
 4.2): the fake net (and discriminator) update every step, the generator every `ttur` steps (the

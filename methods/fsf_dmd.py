@@ -1,9 +1,9 @@
 """FSF-DMD: distribution matching for a flow-map generator without a fake score network.
 
-Paper: "Distribution Matching Distillation without Fake Score Network" (seed 003 of cleanflow,
-/work/shared/seeds/003_*.txt; 2026, authors and arXiv id not in our copy). No official code.
+Paper: "Distribution Matching Distillation without Fake Score Network" (2026; authors and arXiv
+id not in the plain-text copy cleanflow was built from). No official code.
 RECONSTRUCTION: the plain-text copy lost every equation; what is below is rebuilt from its prose,
-its appendix and METHODS.md section 6, and every constant we could not read is a flag.
+its appendix and the project's notes on it, and every constant we could not read is a flag.
 
 Idea: DMD2 (methods/dmd2.py; diff the two files) needs a fake velocity net that tracks the
 generator. If the generator is a flow map f(x_t, t, s) = x_t - (t - s) net(x_t, t, s, y), its own
@@ -25,7 +25,7 @@ matching loop, the TTUR and the GAN are gone; the EMA generator supplies v_fake:
           and consistency training in place of L_CD: the same EMD form with the conditional
           velocity e - x as tangent and target (with r = 1 and no normalization this is MeanFlow).
 
-Reconstructed or chosen here (not readable in the paper): the L_CD time law (AYF's, METHODS.md)
+Reconstructed or chosen here (not readable in the paper): the L_CD time law (LN pairs; AYF's gap law as a flag)
 and its normalization constant; a JVP where the paper uses a finite difference; L_FSF summed over
 dimensions like L_CD (DMD2 takes a mean over all elements; with Adam only the ratio of the two
 terms matters, and summing keeps dm_weight independent of the data dimension); the DM time range
@@ -269,7 +269,7 @@ def sample_cd_ts(n, args, device):
 
 
 def cd_loss(net, teacher, x, y, null, r, args):
-    """L_CD: AYF's EMD consistency distillation (METHODS.md ayf.py) with the guided teacher velocity;
+    """L_CD: AYF's EMD consistency distillation (Sabour et al. 2025, without tangent normalization by default) with the guided teacher velocity;
     with `--teacher self`, consistency training with the conditional velocity e - x instead."""
     e = torch.randn_like(x)
     t, s = sample_cd_ts(len(x), args, x.device)

@@ -10,7 +10,7 @@ Idea: VSD / Diff-Instruct push a generated sample along v_fake - v_real at one t
 replaces the instantaneous velocities by average velocities over [r, t], obtained by Euler
 rollouts of the auxiliary net v_A (the velocity of the student's own distribution, trained by
 flow matching on its samples, no CFG) and of the frozen teacher v_T (with CFG w). The plain-text
-paper lost its equations; in cleanflow notation (METHODS.md section 6, checked against the code):
+paper lost its equations; in cleanflow notation (checked against the official code):
 
     x0 = G(e, 1) = e - net(e, 1, 1, y)                     student, a copy of the teacher
     t, r = max, min of two time draws;  x_t = (1 - t) x0 + t n   (gradient flows through x0)
@@ -19,7 +19,7 @@ paper lost its equations; in cleanflow notation (METHODS.md section 6, checked a
     L_G = mean((u_T - u_A) * x_t),   dL/dx0 = (1 - t)(u_T - u_A) / numel           (eq. 17-20)
     L_A = mean((v_A(x_s, s) - (n - sg(x0)))^2),  x_s = (1 - s) sg(x0) + s n      (eq. 9, velocity form)
 
-A descent step moves x0 along u_A - u_T = u_fake - u_real (the sign rule of METHODS.md section 0).
+A descent step moves x0 along u_A - u_T = u_fake - u_real (the distribution-matching sign rule).
 The Jacobian of the ODE solution w.r.t. x_t is dropped on purpose (eq. 18 -> 19, paper B.6): the
 rollouts run under no_grad and u_A, u_T are constants. `aux_ratio` auxiliary updates precede every
 student update (Alg. 1, TTUR). VSD limit: `--ode-step 1` (any step >= t - r) gives K = 1 for
@@ -28,7 +28,7 @@ max of two draws (the official script reaches it with --r_not_equal_t_ratio 0, r
 Where: sample_tr (times), avg_velocity (eq. 15-16), student_loss (eq. 17-20), aux_loss (eq. 9),
 generate (the student sampler; Alg. 1 is the training loop at the bottom).
 
-Official code over METHODS.md / paper: times uniform by default (the code; LN(-0.4, 1) of paper
+Official code over the paper: times uniform by default (the code; LN(-0.4, 1) of paper
 A.3 with --time-dist logit-normal); aux-ratio 9:1 (code default 9 aux + 1 student per cycle; paper
 text "10:1"; the SANA launch script uses blocks of 50 + 20); both losses are means over all
 elements as the code's (the fm teacher sums over dimensions: a constant factor); the auxiliary

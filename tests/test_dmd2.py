@@ -100,14 +100,31 @@ def check_run(run, key):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] in (4, 6) and all(k in summary["final"] for k in [key, "loss", "fake_loss", "grad_norm", "sec_per_step"])
     assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
-    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} >= {"net", "ema", "opt", "fake", "disc", "opt_fake"}
+    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} >= {"net", "opt", "fake", "disc", "opt_fake"}
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly_with_gan_and_backsim(tmp_path):
     common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--ttur", 3,
-              "--gan-weight", 3e-3, "--backsim-steps", 2]
+              "--gan-weight", 3e-3, "--backsim-steps", 2, "--eval-ema"]
     run = assert_resumes_exactly(SCRIPT, "dmd2", common, tmp_path, keys=("loss", "fake_loss", "gan_g", "gan_d"))
     check_run(run, "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
+
+
+def test_dm_time_is_the_official_karras_index():
+    # the official samples an index uniformly in [20, 980) of the ascending 1000-level Karras grid
+    # (sigma 0.002 .. 80, rho 7); on our path t = sigma / (1 + sigma). Quantiles computed independently:
+    lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    sig = lambda q: (lo + (20 + q * 960) / 999 * (hi - lo)) ** 7
+    expect = torch.tensor([sig(q) / (1 + sig(q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)])
+    torch.manual_seed(0)
+    t = dmd2.sample_dm_t(200000, dmd2.Args(), "cpu")
+    got = torch.quantile(t.double(), torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
+    assert torch.allclose(got, expect.double(), atol=5e-3), (got, expect)
+    assert abs((t > 0.9).double().mean().item() - 0.34) < 0.01  # 34% of the draws above t = 0.9 (uniform: 8%)
+    assert torch.allclose(expect, torch.tensor([0.022, 0.163, 0.716, 0.943, 0.976]), atol=2e-3)
+    torch.manual_seed(0)
+    u = dmd2.sample_dm_t(200000, dmd2.Args(t_dist="uniform"), "cpu")
+    assert abs((u > 0.9).double().mean().item() - 0.08 / 0.96) < 0.01
 
 
 def test_bad_input_gets_one_line(tmp_path):

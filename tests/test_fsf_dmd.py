@@ -77,30 +77,48 @@ def test_dm_term_at_the_exact_solution():
     assert off @ SHIFT.float() > 0 and (off.abs() > 20 * se).all(), (off, se)
 
 
-def test_cd_loss_vanishes_at_the_exact_map():
+def cd_at(net, r, args, seed=0):
     x = TOY.sample(128, torch.Generator().manual_seed(3))[0]
-    y = torch.full((128,), NULL)
+    torch.manual_seed(seed)
+    return fsf.cd_loss(net, teacher, x, torch.full((128,), NULL), NULL, r, args)[0].item()
+
+
+def test_cd_loss_vanishes_at_the_exact_map_only_at_r_1():
+    # paper defaults (no tangent normalization, r ends at 1): the exact map is L_CD's fixed point;
+    # AYF's r = 0.99 leaves a bias g = (1 - r)(t - s) du/dt, so L_CD ~ (1 - r)^2
     args = dataclasses.replace(fsf.Args(), diag_ratio=0.25)
-    torch.manual_seed(0)
-    loss, _ = fsf.cd_loss(exact_map(TOY, 20), teacher, x, y, NULL, 1.0, args)  # r = 1: the MeanFlow identity
+    assert not args.tangent_norm and args.tangent_r_max == 1.0 and args.cd_time == "pair"
     wrong = lambda x_t, t, s, y: exact_map(TOY, 20)(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (t - s)[:, None]
-    torch.manual_seed(0)
-    loss_p, _ = fsf.cd_loss(wrong, teacher, x, y, NULL, 1.0, args)
-    assert loss < 1e-5 and loss_p > 1e-2, (loss, loss_p)
+    at, off = cd_at(exact_map(TOY, 20), 1.0, args), cd_at(wrong, 1.0, args)
+    assert at < 1e-7 and off > 1e-3, (at, off)
+    b1, b2 = cd_at(exact_map(TOY, 20), 0.99, args), cd_at(exact_map(TOY, 20), 0.98, args)
+    assert b1 > 100 * at and 3.5 < b2 / b1 < 4.5, (at, b1, b2)  # the bias is of order 1 - r
+    # with AYF's normalization the fixed point at r = 1 stays (g = 0), the r < 1 bias too
+    norm = dataclasses.replace(args, tangent_norm=True)
+    assert cd_at(exact_map(TOY, 20), 1.0, norm) < 1e-5 and cd_at(exact_map(TOY, 20), 0.99, norm) > 100 * at
+
+
+def test_fsf_alone_is_not_zero_at_the_exact_solution():
+    # the finding kept from the review: at q = p (exact generator, exact fake surrogate) the L_FSF
+    # gradient per sample does not vanish (see test_dm_term_at_the_exact_solution: it contracts the
+    # samples), while L_CD's does (test above): L_FSF alone has no fixed point at the teacher, which is
+    # why the paper trains L_CD + lambda L_FSF (it reports instability without L_CD)
+    g, x = dm_grad(torch.zeros(2, dtype=torch.float64), 6000, 0)
+    assert (g.norm(dim=1).mean() > 0.3) and (g * (x - x.mean(0))).sum(1).mean() > 0.5
 
 
 def test_the_fake_network_is_gone():
     dmd2, text = open(os.path.join(ROOT, "methods", "dmd2.py")).read(), open(SCRIPT).read()
     assert "opt_fake" in dmd2 and "fake_loss" in dmd2 and "ttur" in dmd2
     assert all(w not in text for w in ("opt_fake", "fake_loss(", "args.ttur", "disc"))
-    assert "dm_loss(x0, y, teacher, ema, null, args)" in text  # ... replaced by the EMA generator
+    assert "dm_loss(x0, y, teacher, ema_fake, null, args)" in text  # ... replaced by an EMA generator
 
 
 def check_run(run, key):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] in (4, 6) and all(k in summary["final"] for k in [key, "loss", "loss_cd", "loss_dm", "grad_norm"])
     assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
-    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} == {"net", "ema", "opt", "loader", "rng", "rng_cuda"}  # no fake, no opt_fake
+    assert {k.split("/")[1] for k in read_all(run / "ckpt.safetensors")} == {"net", "ema", "ema_fake", "opt", "loader"}  # no fake, no opt_fake
 
 
 def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):
@@ -110,12 +128,6 @@ def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):
     check_run(tmp_path / "self" / "fsf_dmd" / "gmm", "fm_err@1")
 
 
-def test_resume_continues_exactly(tmp_path):
-    common = [*TINY, "--dataset", "gmm", "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--teacher-cfg", 1.5]
-    run = assert_resumes_exactly(SCRIPT, "fsf_dmd", common, tmp_path, keys=("loss", "loss_cd", "loss_dm"))
-    check_run(run, "fm_err@1")  # doubles as the gmm smoke run (oracle teacher)
-
-
 def test_bad_input_gets_one_line(tmp_path):
     for flags, needle in [(["--sim-steps", 0], "--sim-steps 0"), (["--teacher", tmp_path / "missing.safetensors"], "no such file")]:
         proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
@@ -123,7 +135,7 @@ def test_bad_input_gets_one_line(tmp_path):
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
 
 
-@pytest.mark.parametrize("field,value,needle", [("sim_steps", -1, "--sim-steps -1"), ("tangent_warmup", 0, "--tangent-warmup 0"),
+@pytest.mark.parametrize("field,value,needle", [("sim_steps", -1, "--sim-steps -1"), ("tangent_warmup", 0, "--tangent-warmup 0"), ("tangent_r_max", 1.5, "--tangent-r-max 1.5"), ("fake_ema_decay", 2.0, "--fake-ema-decay 2.0"), ("cd_time", "x", "--cd-time"),
                                                 ("diag_ratio", 1.5, "--diag-ratio 1.5"), ("shift", 0.0, "--shift 0.0"),
                                                 ("cfg_t_max", 1.2, "--cfg-t-max 1.2"), ("dm_weight", -0.1, "--dm-weight -0.1")])
 def test_bad_flags(field, value, needle):

@@ -102,3 +102,20 @@ def test_training_guidance_target():
     v_g0 = mf.guided_velocity(oracle, x_t, t, v, y, NULL, args0)
     assert torch.allclose(v_g0, torch.where(inside, 1.5 * v - 0.5 * v_u, v))
     assert torch.equal(mf.guided_velocity(oracle, x_t, t, v, y, NULL, dataclasses.replace(args0, cfg_omega=1.0)), v)
+
+
+def test_label_dropout_rows():
+    # official (default): Bin(B, p) labels dropped, all on the first rows, which are the s = t rows;
+    # random: any row
+    y = torch.arange(1000) % 7
+    torch.manual_seed(0)
+    first = mf.drop_labels(y, 7, mf.Args())
+    k = int((first == 7).sum())
+    assert 60 < k < 140 and (first[:k] == 7).all() and (first[k:] == y[k:]).all()
+    torch.manual_seed(0)
+    rand = mf.drop_labels(y, 7, mf.Args(label_dropout_rows="random"))
+    idx = (rand == 7).nonzero().flatten()
+    assert 60 < len(idx) < 140 and idx.max() > 500  # spread over the batch
+    # with the default ratio the dropped rows are s = t rows: they never get a unconditional JVP target
+    n, n_jvp = 64, round(mf.Args().ratio * 64)
+    assert all(int((mf.drop_labels(torch.zeros(n, dtype=torch.long), 1, mf.Args()) == 1).sum()) <= n - n_jvp for _ in range(200))
