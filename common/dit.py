@@ -5,6 +5,16 @@ s <= t (METHODS.md section 0). They embed t and h = t - s with two sinusoidal em
 class label y (id `num_classes` is the null class used for guidance dropout; unconditional data
 has num_classes = 0 and always passes y = 0), and `n_cond` optional extra scalars c [B, n_cond]
 (a guidance scale, a guidance interval, ...). The output layer is zero-initialized (adaLN-zero).
+`v_head=True` (improved MeanFlow) adds a second output layer: forward then returns (u, v).
+TVM's tweaks (Zhou et al. 2025, github.com/lumalabs/tvm): `norm="rms"` (RMSNorm without affine in
+place of the LayerNorms) and `modnorm=True` (each adaLN chunk RMS-normalized). Both default off
+and enter the config only when on, so older checkpoints keep loading and resuming.
+Public teachers converted by `python -m common.convert` (DiT, SiT, REPA-SiT) use the same way:
+`stored_pos=True` keeps the checkpoint's position embedding (a persistent buffer) and `param`
+maps our (x_t, t) to the original's input and its output to our velocity e - x: "v" (ours, REPA),
+"v_flip" (SiT: the net sees 1 - t and predicts x - e) or "eps_ddpm" (DiT: epsilon on the 1000-step
+linear-beta schedule, see ddpm_time). `load_teacher` checks such a teacher's VAE and latent scale
+against the data.
 
 Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode rule, so
 `torch.func.jvp` through the DiT works (PyTorch's fused attention has none: ../KERNEL.md).
@@ -18,6 +28,7 @@ and losses stay fp32. `net.grad_ckpt = True` recomputes each DiT block in the ba
 its own network; `save_state`/`load_state` store a nested training state (optimizer, RNG
 states) the same way. Writes are atomic (temporary file + os.replace).
 """
+import copy
 import json
 import math
 import os
@@ -29,6 +40,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels.attention_jvp import sdpa
+
+
+DDPM_LINEAR = (1e-4, 0.02, 1000)  # DiT's (and ADM's) `get_named_beta_schedule("linear", 1000)`
+
+
+def ddpm_time(t):
+    """Our time t (x_t = (1 - t) x + t e) -> the point of DiT's discrete linear-beta DDPM schedule
+    (x_k = sqrt(ab_k) x + sqrt(1 - ab_k) e) with the same signal-to-noise ratio, in float64:
+    (t clamped to the schedule's range t(k=0) ~ 0.0099 .. t(k=999) ~ 0.9937, the continuous step k
+    in [0, 999] (log ab linear between integer steps), the input scale 1 / sqrt((1 - t)^2 + t^2)
+    mapping x_t to x_k). Outside that range the teacher is the one at the nearest end."""
+    lo, hi, n = DDPM_LINEAR
+    lab = torch.cumsum(torch.log1p(-torch.linspace(lo, hi, n, dtype=torch.float64, device=t.device)), 0)  # log ab_k
+    ends = torch.exp(0.5 * (torch.log1p(-torch.exp(lab[[0, -1]])) - lab[[0, -1]]))  # sigma / alpha at k = 0, n - 1
+    t = torch.clamp(t.double(), ends[0] / (1 + ends[0]), ends[1] / (1 + ends[1]))
+    r2 = (1 - t) ** 2 + t**2
+    target = 2 * torch.log1p(-t) - torch.log(r2)  # log ab of t: ab = (1 - t)^2 / r2
+    i = torch.searchsorted(-lab, -target).clamp(1, n - 1)
+    return t, i - 1 + (lab[i - 1] - target) / (lab[i - 1] - lab[i]), torch.rsqrt(r2)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -62,13 +92,25 @@ class Conditioning(nn.Module):
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # last id = null class
         self.c_embed = nn.ModuleList(ScalarEmbedder(hidden) for _ in range(n_cond))
 
-    def forward(self, t, s, y, c):
-        emb = self.t_embed(t) + self.h_embed(t - s) + self.y_embed(y)
+    def forward(self, t, s, y, c, t_in=None):
+        # t_in: the time the t embedder sees, if not t (a converted public teacher's own time scale)
+        emb = self.t_embed(t if t_in is None else t_in) + self.h_embed(t - s) + self.y_embed(y)
         if len(self.c_embed):
             if c is None or c.shape[-1] != len(self.c_embed):
                 raise ValueError(f"network expects c of shape [B, {len(self.c_embed)}], got {None if c is None else tuple(c.shape)}")
             emb = emb + sum(m(c[:, i]) for i, m in enumerate(self.c_embed))
         return emb
+
+
+def norm_layer(hidden, norm):
+    """Pre-attention/MLP/final normalization without affine: "layer" (DiT) or "rms" (TVM)."""
+    return nn.RMSNorm(hidden, eps=1e-6, elementwise_affine=False) if norm == "rms" else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+
+
+def mod_norm(a, n):
+    """TVM's modulation norm: each of the n adaLN chunks of `a` [B, n*hidden] RMS-normalized (no weight)."""
+    a = a.unflatten(-1, (n, -1))
+    return (a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2)
 
 
 def modulate(x, shift, scale):
@@ -78,23 +120,24 @@ def modulate(x, shift, scale):
 class Block(nn.Module):
     """DiT block with adaLN-zero conditioning; attention through sdpa (JVP-capable)."""
 
-    def __init__(self, hidden, heads, mlp_ratio, qk_norm, dropout):
+    def __init__(self, hidden, heads, mlp_ratio, qk_norm, dropout, norm="layer", modnorm=False):
         super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.heads, self.modnorm = heads, modnorm
+        self.norm1 = norm_layer(hidden, norm)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         head_dim = hidden // heads
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = norm_layer(hidden, norm)
         self.mlp = nn.Sequential(nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"),
                                  nn.Dropout(dropout), nn.Linear(int(hidden * mlp_ratio), hidden))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, emb):
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(emb).chunk(6, dim=-1)
+        a = self.ada(emb)
+        sh1, sc1, g1, sh2, sc2, g2 = (mod_norm(a, 6) if self.modnorm else a).chunk(6, dim=-1)
         B, N, C = x.shape
         q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         a = sdpa(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(B, N, C)
@@ -115,20 +158,27 @@ class DiT(nn.Module):
     """A small Diffusion Transformer (Peebles & Xie 2023) conditioned on (t, h, y, c)."""
 
     def __init__(self, input_size=28, patch_size=4, in_channels=1, hidden=128, depth=4, heads=4, mlp_ratio=4.0,
-                 num_classes=10, n_cond=0, qk_norm=False, dropout=0.0):
+                 num_classes=10, n_cond=0, qk_norm=False, dropout=0.0, v_head=False, norm="layer", modnorm=False, param="v", stored_pos=False):
         super().__init__()
         if input_size % patch_size or hidden % heads or (hidden // heads) % 2 or hidden % 4:
             raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size}, "
                              f"hidden {hidden} by 4 and by heads {heads} (even head dim)")
         self.config = dict(kind="dit", input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
-                           n_cond=n_cond, qk_norm=qk_norm, dropout=dropout)
+                           n_cond=n_cond, qk_norm=qk_norm, dropout=dropout, **({"v_head": True} if v_head else {}))
+        self.config.update({"norm": norm} if norm != "layer" else {}, **({"modnorm": True} if modnorm else {}))  # TVM options
+        # public-teacher options (common/convert.py): output parameterization, position embedding from the checkpoint
+        if param not in ("v", "v_flip", "eps_ddpm") or (param != "v" and v_head):
+            raise ValueError(f"DiT: param {param!r} must be v, v_flip or eps_ddpm (and v without v_head)")
+        self.config.update({"param": param} if param != "v" else {}, **({"stored_pos": True} if stored_pos else {}))
+        self.param = param
+        self.modnorm = modnorm
         self.p, self.c, self.grid = patch_size, in_channels, input_size // patch_size
         self.patch = nn.Conv2d(in_channels, hidden, patch_size, patch_size)
-        self.register_buffer("pos", pos_embed_2d(hidden, self.grid)[None], persistent=False)
+        self.register_buffer("pos", pos_embed_2d(hidden, self.grid)[None], persistent=stored_pos)
         self.cond = Conditioning(hidden, num_classes, n_cond)
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, qk_norm, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, qk_norm, dropout, norm, modnorm) for _ in range(depth))
+        self.norm = norm_layer(hidden, norm)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.out = nn.Linear(hidden, patch_size * patch_size * in_channels)
         for m in self.modules():
@@ -143,28 +193,46 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         self.grad_ckpt = False  # a run-time switch, not part of the config
+        # v_head (improved MeanFlow): a second adaLN-zero final layer on the same trunk; forward returns (u, v)
+        self.v_head = nn.ModuleList([copy.deepcopy(self.ada), copy.deepcopy(self.out)]) if v_head else None
 
     def forward(self, x, t, s, y, c=None):
-        B = x.shape[0]
-        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        emb = self.cond(t, s, y, c)
-        # checkpointing cannot run inside torch.func.jvp (functorch level set): plain blocks there
+        x_in, t_in = x, None
+        if self.param == "v_flip":  # SiT: the net's time runs from noise (0) to data (1), it predicts x - e
+            t_in = 1 - t
+        elif self.param == "eps_ddpm":  # DiT: epsilon at the DDPM step of the same signal-to-noise ratio
+            t_c, t_in, scale = ddpm_time(t)
+            x_in = x * scale.to(x.dtype)[:, None, None, None]
+        h = self.patch(x_in).flatten(2).transpose(1, 2) + self.pos
+        emb = self.cond(t, s, y, c, t_in)
+        # checkpointing cannot run inside torch.func.jvp (functorch level set) nor on forward-AD dual
+        # numbers (TVM: the recomputation would lose the tangent): plain blocks there
         ckpt = self.grad_ckpt and torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+        ckpt = ckpt and torch.autograd.forward_ad.unpack_dual(emb).tangent is None
         for block in self.blocks:
             h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
-        shift, scale = self.ada(emb).chunk(2, dim=-1)
-        h = self.out(modulate(self.norm(h), shift, scale))
-        h = h.reshape(B, self.grid, self.grid, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, self.c, self.grid * self.p, self.grid * self.p).float()
+        u = self.final(h, emb, self.ada, self.out)
+        if self.param == "v_flip":
+            u = -u
+        elif self.param == "eps_ddpm":  # x = (x_t - t eps) / (1 - t), v = eps - x = (eps - x_t) / (1 - t)
+            u = ((u.double() - x.double()) / (1 - t_c)[:, None, None, None]).float()
+        return u if self.v_head is None else (u, self.final(h, emb, *self.v_head))
+
+    def final(self, h, emb, ada, out):
+        a = ada(emb)
+        shift, scale = (mod_norm(a, 2) if self.modnorm else a).chunk(2, dim=-1)
+        h = out(modulate(self.norm(h), shift, scale))
+        h = h.reshape(len(h), self.grid, self.grid, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(len(h), self.c, self.grid * self.p, self.grid * self.p).float()
 
 
 class MLP(nn.Module):
     """Residual MLP for vector data, same call signature and conditioning as the DiT."""
 
-    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0):
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0, v_head=False):
         super().__init__()
         self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, n_cond=n_cond,
-                           dropout=dropout)
+                           dropout=dropout, **({"v_head": True} if v_head else {}))
         self.inp = nn.Linear(dim, hidden)
         self.cond = Conditioning(hidden, num_classes, n_cond)
         self.blocks = nn.ModuleList(
@@ -173,13 +241,14 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
+        self.v_head = copy.deepcopy(self.out) if v_head else None  # as in the DiT: forward returns (u, v)
 
     def forward(self, x, t, s, y, c=None):
         emb = self.cond(t, s, y, c)
         h = self.inp(x) + emb
         for block in self.blocks:
             h = h + block(h + emb)
-        return self.out(h).float()
+        return self.out(h).float() if self.v_head is None else (self.out(h).float(), self.v_head(h).float())
 
 
 def build(config):
@@ -315,11 +384,21 @@ def load_teacher(spec, dataset, info, device="cpu", gmm=None):
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         raise SystemExit(f"--teacher {path}: {err}") from None
     config = meta["config"]
+    if meta.get("method", "fm") != "fm":
+        raise SystemExit(f"--teacher {path}: a {meta['method']} checkpoint; expected a flow-matching teacher (methods/fm.py or common.convert)")
     if meta.get("dataset", dataset) != dataset:
         raise SystemExit(f"--teacher {path}: trained on {meta['dataset']}, not on --dataset {dataset}")
     shape = (config["dim"],) if config["kind"] == "mlp" else (config["in_channels"], config["input_size"], config["input_size"])
     if tuple(shape) != tuple(info["shape"]) or config["num_classes"] != info["num_classes"]:
         raise SystemExit(f"--teacher {path}: network for data {shape} with {config['num_classes']} classes, "
                          f"expected {tuple(info['shape'])} with {info['num_classes']}")
+    if "latent_scale" in meta:  # a converted public teacher (common/convert.py): the latents it was trained on
+        sc, (mean, std) = meta["latent_scale"], (torch.as_tensor(info.get(k, math.nan), dtype=torch.float64) for k in ("mean", "std"))
+        if not (mean.abs().max() < 1e-6 and (std * sc - 1).abs().max() < 1e-4):
+            raise SystemExit(f"--teacher {path}: expects latents z * {sc} (shards with mean 0 and std 1/{sc}: `python -m "
+                             f"common.data encode --norm sd`), the --data-root shards have mean {mean.tolist()}, std {std.tolist()}")
+        if info.get("vae") and os.path.basename(str(info["vae"]).rstrip("/")) not in meta["vae_encoders"]:
+            raise SystemExit(f"--teacher {path}: expects latents of the {' / '.join(meta['vae_encoders'])} encoder, "
+                             f"the --data-root shards were encoded with {info['vae']}")
     net.requires_grad_(False).eval()
     return net, net
