@@ -1,0 +1,203 @@
+"""Improved MeanFlow exactness: the compound velocity V = u + (t - s) du/dt of the file's own loss
+functions equals the guided target at the exact average velocity of the mixture (closed-form
+velocity; exact flow map by RK4 in float64, the grid split at the guidance interval ends), and
+not for a perturbed field or a wrong tangent. Guided case: the mixture's exact CFG field
+v*_w = v*_u + w (v*_c - v*_u), w switched on inside [t_min, t_max] only."""
+import dataclasses
+
+import pytest
+import torch
+
+from common.data import default_gmm
+from conftest import load_method
+
+imf = load_method("imf")
+G = default_gmm()
+NULL = G.num_classes
+
+
+def guided_v(x, t, y, w):
+    """v*_u + w (v*_c - v*_u) per row (y == NULL: the unconditional v*_u)."""
+    v_c, v_u = G.velocity(x, t, y), G.velocity(x, t)
+    return v_u + w[:, None] * (v_c - v_u)
+
+
+def guided_map(x, t, s, y, w, t_min, t_max, steps=30):
+    """Exact flow map of the interval-guided field from t to s (either direction): RK4 on three
+    pieces split where the path crosses t_min and t_max (w inside, 1 outside)."""
+    z, one = x.double(), torch.ones_like(w)
+    lo, hi = torch.minimum(t, s), torch.maximum(t, s)
+    near, far = torch.where(s < t, t_max, t_min), torch.where(s < t, t_min, t_max)  # met first, second
+    b1, b2 = torch.minimum(torch.maximum(near, lo), hi), torch.minimum(torch.maximum(far, lo), hi)
+    for a, b, ww in ((t, b1, one), (b1, b2, w), (b2, s, one)):
+        h, tau = ((b - a) / steps)[:, None], a
+        for _ in range(steps):
+            k1 = guided_v(z, tau, y, ww)
+            k2 = guided_v(z + 0.5 * h * k1, tau + 0.5 * h[:, 0], y, ww)
+            k3 = guided_v(z + 0.5 * h * k2, tau + 0.5 * h[:, 0], y, ww)
+            k4 = guided_v(z + h * k3, tau + h[:, 0], y, ww)
+            z, tau = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), tau + h[:, 0]
+    return z
+
+
+def exact(x, t, s, y, c, steps=30):
+    """u*_w(x, t, s) of the guided field with c = (1 - 1/w, t_min, t_max); v*_w(t) where s == t."""
+    w, t_min, t_max = 1 / (1 - c[:, 0]), c[:, 1], c[:, 2]
+    gap = (t - s)[:, None]
+    u = (x - guided_map(x, t, s, y, w, t_min, t_max, steps)) / gap.clamp(min=1e-12)
+    v = guided_v(x, t, y, torch.where((t >= t_min) & (t <= t_max), w, 1.0))
+    return torch.where(gap > 0, u, v)
+
+
+def exact_two_heads(x, t, s, y, c):
+    """--v-head: (u*, v*_w(t) at the row's own w and interval), for every h."""
+    w, t_min, t_max = 1 / (1 - c[:, 0]), c[:, 1], c[:, 2]
+    return exact(x, t, s, y, c), guided_v(x, t, y, torch.where((t >= t_min) & (t <= t_max), w, 1.0))
+
+
+def batch(n, seed, m, guided):
+    torch.manual_seed(seed)
+    x, y = G.sample(n, torch.Generator().manual_seed(seed))
+    y[:8] = NULL  # dropped labels: on s = t rows (--label-dropout-rows first) ...
+    y[m + 3:m + 9] = NULL  # ... and on s != t rows (random): the unconditional tangent there
+    e = torch.randn_like(x)
+    args = imf.Args()
+    t, s = (a.double() for a in imf.sample_ts(n, n - m, args, "cpu"))
+    w, t_min, t_max = (a.double() for a in imf.sample_guidance(n, m, args, "cpu"))
+    if not guided:
+        w = torch.ones_like(w)
+    x_t = (1 - t[:, None]) * x + t[:, None] * e
+    c = torch.stack([1 - 1 / w, t_min, t_max], 1)
+    return x_t, y, t, s, w, t_min, t_max, c
+
+
+def residual(net, n=160, m=80, guided=True, tangent_shift=0.0, seed=0):
+    """|V - v_g|^2 per row, with the marginal velocity v*_c in place of e - x (no sampling noise)."""
+    x_t, y, t, s, w, t_min, t_max, c = batch(n, seed, m, guided)
+    v = G.velocity(x_t, t, y)
+    v_g, v_c = imf.guided_target(net, x_t, t, v, y, w, t_min, t_max, NULL)
+    V, v_aux = imf.compound_velocity(net, x_t, t, s, y, c, v_c + tangent_shift, m, 0.0)
+    inside = (t >= t_min) & (t <= t_max)
+    assert torch.allclose(v_g, guided_v(x_t, t, y, torch.where(inside, w, 1.0)), atol=1e-10)  # the CFG fixed point
+    res = (V - v_g).pow(2).sum(1)
+    return res, None if v_aux is None else (v_aux - v_g).pow(2).sum(1), m
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("net", [exact, exact_two_heads], ids=["single-head", "v-head"])
+def test_residual_vanishes_at_the_exact_solution(guided, net):
+    res, res_v, m = residual(net, guided=guided)
+    assert res[:m].max() < 1e-20 and res[m:].max() < 1e-6, (res[:m].max(), res[m:].max())  # ODE error only
+    assert res_v is None or res_v.max() < 1e-20
+
+
+def test_residual_does_not_vanish_for_a_perturbed_field_or_tangent():
+    perturbed = lambda x, t, s, y, c: exact(x, t, s, y, c) + 0.05 * (t - s)[:, None] * torch.sin(x)  # same v: same target
+    res, _, m = residual(perturbed)
+    assert res[m:].mean() > 1e-4 and res[:m].max() < 1e-20
+    res, _, m = residual(exact, tangent_shift=1e-2)  # a wrong x-tangent
+    assert res[m:].mean() > 1e-5 and res[:m].max() < 1e-20
+
+
+def test_dropped_rows_need_the_unconditional_tangent():
+    # labels dropped AFTER computing the target with the true labels (the conditional tangent v_c, as
+    # the official repository's later random-row dropout does): dropped s != t rows miss the exact solution
+    n, m = 160, 80
+    x_t, y, t, s, w, t_min, t_max, c = batch(n, 0, m, True)
+    y_true = y.clone()
+    y_true[m + 3:m + 9] = G.sample(6, torch.Generator().manual_seed(9))[1]
+    v_g, v_c = imf.guided_target(exact, x_t, t, G.velocity(x_t, t, y), y_true, w, t_min, t_max, NULL)
+    v_g[m + 3:m + 9] = G.velocity(x_t, t, y)[m + 3:m + 9]  # the dropped rows' target: unguided
+    V, _ = imf.compound_velocity(exact, x_t, t, s, y, c, v_c, m, 0.0)
+    res = (V - v_g).pow(2).sum(1)
+    assert res[m + 3:m + 9].min() > 1e-6 and res[m + 9:].max() < 1e-6
+
+
+def test_compound_velocity_is_the_total_time_derivative():
+    # du/dt along the guided flow by central differences of the exact map, guided rows
+    x_t, y, t, s, w, t_min, t_max, c = batch(40, 3, 0, True)
+    t = t.clamp(max=1 - 1e-3)
+    v_w = exact(x_t, t, t, y, c)
+    V, _ = imf.compound_velocity(exact, x_t, t, s, y, c, v_w, 0, 0.0)
+    d = 1e-4
+    up = exact(guided_map(x_t, t, t + d, y, 1 / (1 - c[:, 0]), t_min, t_max), t + d, s, y, c)
+    dn = exact(guided_map(x_t, t, t - d, y, 1 / (1 - c[:, 0]), t_min, t_max), t - d, s, y, c)
+    near_edge = ((t - t_min).abs() < 2 * d) | ((t - t_max).abs() < 2 * d)
+    want = exact(x_t, t, s, y, c) + (t - s)[:, None] * (up - dn) / (2 * d)
+    assert torch.allclose(V[~near_edge], want[~near_edge], atol=1e-5)
+
+
+def test_loss_gradient_vanishes_in_expectation_at_the_exact_solution():
+    # through imf_loss itself: e - x as in training, random w and intervals, label dropout after the
+    # target; unweighted (norm_p 0): the adaptive weight moves the stochastic fixed point
+    args = dataclasses.replace(imf.Args(), norm_p=0.0, label_dropout=0.3)
+    theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    net = lambda x, t, s, y, c: exact(x, t.double(), s.double(), y, c.double(), steps=6) + theta * torch.sin(2 * x) * (1 + t[:, None])
+
+    def grads(value, reps=6, n=4000):
+        out = []
+        for r in range(reps):
+            theta.data.fill_(value)
+            x, y = G.sample(n, torch.Generator().manual_seed(100 + r))
+            torch.manual_seed(r)
+            loss, _ = imf.imf_loss(net, x, y, args, NULL)
+            out.append(torch.autograd.grad(loss, theta)[0].item())
+        out = torch.tensor(out)
+        return out.mean().item(), out.std().item() / len(out) ** 0.5
+
+    g0, se0 = grads(0.0)
+    g1, se1 = grads(0.3)
+    assert abs(g0) < 3 * se0 + 1e-3, (g0, se0)
+    assert g1 > 10 * max(se1, abs(g0)), (g1, se1)
+
+
+@pytest.mark.parametrize("rows", ["first", "random"])
+def test_dropped_labels_take_the_unguided_target(rows):
+    # official: Bin(B, p) dropped labels on the first rows (s = t rows), target v (= e - x) there
+    args = dataclasses.replace(imf.Args(), label_dropout=0.1, label_dropout_rows=rows)
+    n, counts = 64, []
+    y = torch.randint(0, NULL, (n,))
+    for seed in range(300):
+        torch.manual_seed(seed)
+        y2 = imf.drop_labels(y, NULL, args)
+        k = int((y2 == NULL).sum())
+        counts.append(k)
+        assert rows == "random" or ((y2[:k] == NULL).all() and torch.equal(y2[k:], y[k:]))
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert abs(counts.mean() - n * 0.1) < 4 * (n * 0.1 * 0.9 / len(counts)) ** 0.5  # Bin(n, p)
+    x_t, t, v = torch.randn(n, 2, dtype=torch.float64), torch.rand(n, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+    w = torch.full((n,), 4.0, dtype=torch.float64)
+    v_g, v_c = imf.guided_target(lambda x, t, s, y, c: exact(x, t, s, y, c), x_t, t, v, y2, w, 0 * w, 0 * w + 1, NULL)
+    d = y2 == NULL
+    assert d.any() and torch.equal(v_g[d], v[d]) and torch.allclose(v_c[d], G.velocity(x_t, t)[d])  # unguided target, v_u tangent
+    assert torch.allclose(v_g[~d], v[~d] + 0.75 * (guided_v(x_t, t, y2, w) - G.velocity(x_t, t))[~d])
+
+
+def test_guidance_inputs_distribution():
+    n, m = 20000, 5000
+    torch.manual_seed(0)
+    w, t_min, t_max = imf.sample_guidance(n, m, imf.Args(), "cpu")
+    assert (t_min[:m] == 0).all() and (t_max[:m] == 1).all()
+    assert 0 <= t_min[m:].min() and t_min[m:].max() <= 0.5 <= t_max[m:].min() and t_max[m:].max() <= 1
+    assert 1 <= w.min() and w.max() <= 8
+    assert abs(w.log().mean() - 0.5 * torch.tensor(8.0).log()) < 0.02  # p(w) ~ 1/w: log w uniform
+    w2, _, _ = imf.sample_guidance(n, m, dataclasses.replace(imf.Args(), cfg_beta=2.0), "cpu")
+    assert abs(w2.mean() - torch.tensor(8.0).log() / (1 - 1 / 8)) < 0.05  # p(w) ~ w^-2 on [1, 8]
+
+
+def test_sampler_uses_the_sampling_scale_and_interval():
+    torch.manual_seed(0)
+    e, y = torch.randn(30, 2, dtype=torch.float64), torch.arange(30) % NULL
+    one = torch.ones(30, dtype=torch.float64)
+    got = imf.sample(lambda x, t, s, y, c: exact(x, t.double(), s.double(), y, c.double()), e, y, 1, c=(1 - 1 / 3, 0.3, 0.7))
+    want = guided_map(e, one, 0 * one, y, 3 * one, 0.3 * one, 0.7 * one)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert not torch.allclose(got.double(), G.flow_map(e, 1.0, 0.0, y), atol=1e-2)  # guidance changed it
+
+
+@pytest.mark.parametrize("flags,needle", [({"sample_cfg": (0.5,)}, "--sample-cfg"), ({"cfg_max": 0.9}, "--cfg-max"),
+                                          ({"sample_interval": (0.7, 0.3)}, "--sample-interval"),
+                                          ({"sample_interval": (-0.1, 0.5)}, "--sample-interval"), ({"ratio": 1.5}, "--ratio")])
+def test_bad_input(flags, needle):
+    with pytest.raises(SystemExit, match=needle):
+        imf.check_args(dataclasses.replace(imf.Args(), **flags))
