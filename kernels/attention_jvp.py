@@ -507,21 +507,102 @@ if HAS_TRITON:
             tl.store(GTQ + base, (gtq * scale).to(GTQ.dtype.element_ty), mask=qmask)
 
 
-def _blocks(d, dv):
-    """Tile sizes. Small under the interpreter so that small test shapes span several tiles."""
-    bd = max(16, triton.next_power_of_2(d))
-    bdv = max(16, triton.next_power_of_2(dv))
+# Shared memory per block (opt-in) by compute capability, for torch builds whose device properties
+# lack ``shared_memory_per_block_optin``; 99 KB (sm_86/89/120) otherwise.
+SMEM_BYTES = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 232_448}
+
+
+def smem_budget(device):
+    p = torch.cuda.get_device_properties(device)
+    return getattr(p, "shared_memory_per_block_optin", 0) or SMEM_BYTES.get((p.major, p.minor),
+                                                                           101_376)
+
+
+def tiles(kind, dtype, d, dv, budget):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps, num_stages) of one kernel group: "fwd"
+    (plain forward), "jvp" (forward with a tangent, fused or two-pass), "bwd" (plain backward),
+    "bwd_jvp" (backward through the tangent). Shared memory grows with BLOCK_M, BLOCK_N, the head
+    dim, the element size and the pipeline depth (num_stages); these choices fit the 232,448 B
+    of an H100 and (budget < 200 KB) the 166,912 B of an A100 as compiled by Triton 3.8 for
+    sm_90 / sm_80 (tests/test_kernel_compile.py checks every group, dtype and head dim <= 128).
+    Tiles are small under the interpreter so that small test shapes span several tiles.
+
+    Head dims are padded to a power of 2 (tl.arange): 72 runs as 128, i.e. 1.78x the matmul work
+    of the real head dim; splitting D into 64 + 16 would cut that to 1.11x at the price of twice
+    the loads and dots in every kernel, which we did not do."""
+    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     if INTERPRET:
-        return 16, 16, bd, bdv, 1
-    bm = 64
-    bn = 64 if max(bd, bdv) <= 64 else 32
-    return bm, bn, bd, bdv, 4
+        return 16, 16, bd, bdv, 1, 1
+    f32, big = dtype == torch.float32, budget >= 200_000
+    bm, bn, stages = 64, 32 if max(bd, bdv) > 64 else 64, 2
+    if kind == "fwd" and not f32:
+        stages = 3
+    elif kind == "bwd" and f32:
+        stages = 1
+    elif kind == "bwd_jvp":
+        bm, bn, stages = (32 if big or not f32 else 16), 32, 1 if f32 else 2
+    if budget < 160_000:  # consumer GPUs (99 KB): one stage, half the rows (not compile-checked)
+        bm, stages = max(16, bm // 2), 1
+    if max(bd, bdv) > 128:  # head dims up to 256: half the tiles (not compile-checked)
+        bm, bn = max(16, bm // 2), max(16, bn // 2)
+    return bm, bn, bd, bdv, 4, stages
+
+
+_BWD = ("_bwd_pre_kernel", "_bwd_kv_kernel", "_bwd_q_kernel")
+VARIANTS = {  # kernel group -> the (kernel, flags) a launch of that group compiles
+    "fwd": [("_fwd_kernel", dict(HAS_JVP=False, HAS_DQK=False, HAS_DV=False, TWO_PASS=False))],
+    "jvp": [("_fwd_kernel", dict(HAS_JVP=True, HAS_DQK=True, HAS_DV=True, TWO_PASS=two))
+            for two in (False, True)],
+    "bwd": [(name, dict(HAS_G=True, HAS_GT=False)) for name in _BWD],
+    "bwd_jvp": [(name, dict(HAS_G=True, HAS_GT=True)) for name in _BWD],
+}
+
+
+def compile_ahead(kind, dtype, d, dot_prec, target, budget, t=None):
+    """Compiles the kernels of group ``kind`` for ``target`` (a ``triton.backends.compiler.
+    GPUTarget``; no GPU needed) with the tiles ``tiles`` picks for ``budget``, specialized like a
+    launch on tensors with a contiguous head dim (non-causal; causal only adds index math).
+    ``t`` overrides the tiles. Returns [(kernel name, flags, tiles, CompiledKernel)]; the
+    kernel's ``.metadata.shared`` is its shared memory in bytes."""
+    from triton.compiler import ASTSource
+
+    t = t or tiles(kind, dtype, d, d, budget)
+    ptr = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    out = []
+    for name, flags in VARIANTS[kind]:
+        fn = globals()[name]
+        meta = dict(CAUSAL=False, DOT_PREC=dot_prec, **flags,
+                    **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV"), t)))
+        meta = {a: x for a, x in meta.items() if a in fn.arg_names}
+        sig, attrs, past_ptrs = {}, {}, False
+        for i, a in enumerate(fn.arg_names):  # pointers (upper case), then strides and sizes
+            past_ptrs = past_ptrs or a[0].islower()
+            if a in meta:
+                sig[a] = "constexpr"
+            elif not past_ptrs:
+                sig[a] = "*fp32" if a in ("LSE", "MU", "DELTA", "DT") else ptr
+            elif a == "scale":
+                sig[a] = "fp32"
+            elif a[0] == "s" and a[-1] == "d":  # unit stride along the head dim
+                sig[a], meta[a] = "constexpr", 1
+            else:
+                sig[a] = "i32"
+            if sig[a][0] in "*i":  # 16-byte aligned pointers, sizes and strides divisible by 16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        kernel = triton.compile(ASTSource(fn, sig, meta, attrs), target=target,
+                                options=dict(num_warps=t[4], num_stages=t[5]))
+        out.append((name, flags, t, kernel))
+    return out
 
 
 def _dot_prec(x):
     if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"  # ignored for 16-bit inputs
+
+
+def _budget(x):
+    return smem_budget(x.device) if x.is_cuda else 0
 
 
 def _check(q, k, v):
@@ -552,7 +633,8 @@ def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
     tq = dq if dq is not None else q
     tk = dk if dk is not None else k
     tv = dv if dv is not None else v
-    bm, bn, bd, bdv, warps = _blocks(D, DV)
+    bm, bn, bd, bdv, warps, stages = tiles("jvp" if has_jvp else "fwd", q.dtype, D, DV,
+                                           _budget(q))
     grid = (triton.cdiv(N, bm), B * H)
     _fwd_kernel[grid](q, k, v, tq, tk, tv, o, do, lse, mu,
                       *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(),
@@ -560,7 +642,8 @@ def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
                       H, N, M, D, DV, scale,
                       CAUSAL=causal, HAS_JVP=has_jvp, HAS_DQK=has_dqk, HAS_DV=dv is not None,
                       TWO_PASS=two_pass, DOT_PREC=_dot_prec(q),
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
+                      num_stages=stages)
     if not has_jvp:
         do = torch.zeros_like(o)
     return o, do, lse, mu
@@ -579,7 +662,8 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
         dq, dk, dv, do = q, k, v, o  # unused placeholders
     g_ = g if has_g else o
     gt_ = gt if has_gt else o
-    bm, bn, bd, bdv, warps = _blocks(D, DV)
+    bm, bn, bd, bdv, warps, stages = tiles("bwd_jvp" if has_gt else "bwd", q.dtype, D, DV,
+                                           _budget(q))
     f32 = dict(device=q.device, dtype=torch.float32)
     delta = torch.empty(B, H, N, **f32)
     dt = torch.empty(B, H, N, **f32) if has_gt else delta
@@ -597,7 +681,8 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
     common = (*q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
               *g_.stride(), *gt_.stride(), H, N, M, D, DV, scale)
     meta = dict(CAUSAL=causal, HAS_G=has_g, HAS_GT=has_gt, DOT_PREC=_dot_prec(q),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
+                num_stages=stages)
     _bwd_kv_kernel[(triton.cdiv(M, bn), B * H)](
         q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gk, gv, gtk, gtv, *common, **meta)
     _bwd_q_kernel[(triton.cdiv(N, bm), B * H)](
@@ -608,17 +693,20 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
 
 
 def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
-    if _use_triton(q):
-        return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
-    return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
+    with torch.autocast(q.device.type, enabled=False):  # the reference's fp32 matmuls stay fp32
+        if _use_triton(q):
+            return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
+        return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
 
 
 def _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
     if g is None and gt is None:
         return (None,) * 6
-    if _use_triton(q):
-        return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
-    return attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+    with torch.autocast(q.device.type, enabled=False):
+        if _use_triton(q):
+            return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+        return attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal,
+                                            scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,6 +814,12 @@ class _SDPA(torch.autograd.Function):
 def sdpa(q, k, v, causal=False, scale=None):
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`` on
     (B, H, N, D) tensors (see the module docstring for the causal alignment when N != M), with a
-    forward-mode rule usable by ``torch.func.jvp`` and ``torch.autograd.forward_ad``."""
+    forward-mode rule usable by ``torch.func.jvp`` and ``torch.autograd.forward_ad``.
+
+    Mixed dtypes (e.g. fp32 q/k after an RMSNorm and bf16 v under autocast) are cast to one dtype:
+    the autocast dtype when autocast is on for the device (as PyTorch's own sdpa does), else v's."""
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale))
     return o

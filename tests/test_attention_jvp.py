@@ -169,6 +169,30 @@ def test_reference_sdpa_plain_matches_torch(reference):
                 close(a.grad, b.grad, tol, rtol=tol, what="grad")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_sdpa_mixed_dtypes_under_autocast(reference, causal):
+    """CPU autocast bf16 with fp32 q/k (as after an RMSNorm) and bf16 v: sdpa computes in bf16,
+    also under torch.func.jvp, and gradients come back in each input's own dtype."""
+    (q, k, v, dq, dk, dv), (g, gt) = make_inputs(N=12, M=12, D=16, dtype=torch.float32)
+    v, dv = v.bfloat16(), dv.bfloat16()
+    bf = [x.bfloat16() for x in (q, k, v, dq, dk, dv)]
+    o0, do0, grads0 = oracle(*bf, g, gt, causal)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, dq, dk, dv)]
+    with torch.autocast("cpu", torch.bfloat16):
+        o, do = torch.func.jvp(lambda a, b, c: A.sdpa(a, b, c, causal), tuple(xs[:3]),
+                               tuple(xs[3:]))
+        assert o.dtype == do.dtype == torch.bfloat16
+        loss = (o.float() * g).sum() + (do.float() * gt).sum()
+    grads = torch.autograd.grad(loss, xs)
+    close(o, o0, 1e-2, rtol=1e-2, what="o")
+    close(do, do0, 1e-2, rtol=1e-2, what="do")
+    for name, x, a, b in zip("q k v dq dk dv".split(), xs, grads, grads0):
+        assert a.dtype == x.dtype, name
+        close(a, b, 3e-2, rtol=3e-2, what=f"grad {name}")
+    with torch.autocast("cpu", torch.bfloat16):  # no JVP at all
+        close(A.sdpa(*xs[:3], causal=causal), o0, 1e-2, rtol=1e-2, what="plain o")
+
+
 def test_reference_special_tangents(reference):
     """Zero tangents give do == 0; a tangent along v only gives do == attention(q, k, dv)."""
     (q, k, v, dq, dk, dv), _ = make_inputs(N=9, M=12)
