@@ -8,8 +8,9 @@ shared memory per block) and GPUTarget("cuda", 90, 32) (H100, 232,448 B) with th
 check a launch does on the device (Triton raises OutOfResources), made on CPU. bf16 is checked
 only here (the Triton interpreter cannot run bf16 dots).
 
-Compiling is slow (about 3-40 s of CPU per kernel), so a plain run checks the cases that did not
-fit with the previous tiles (64 x 32, 3 stages; numbers from results/attention_jvp/compile.md) at
+Compiling costs about 1-2 s of CPU per tf32/bf16/fp16 kernel and up to a minute per fp32-ieee
+one (FMA dots), so a plain run (about 15 s of CPU with a cold Triton cache) checks the cases that
+did not fit with the previous tiles (64 x 32, 3 stages; numbers from results/attention_jvp/compile.md) at
 head dim 72 (DiT-XL/2; the same binary as 128); ATTN_COMPILE_ALL=1 checks every target x group
 x dtype x head dim in {64, 72, 128} (results/attention_jvp/compile.py writes that matrix as a
 table).

@@ -81,10 +81,10 @@ def table(rows_):
 def main():
     head = ["# Triton attention-JVP kernels compiled ahead of time without a GPU; not run", "",
             f"Triton {triton.__version__}, `python results/attention_jvp/compile.py`. "
-            "Budgets: sm_80 (A100) 166,912 B, sm_90 (H100) 232,448 B of shared memory per block. Registers and "
-            "spill stack per thread from `cuobjdump -res-usage`. Head dims 72 and 128 compile to "
-            "the same binary (BLOCK_D 128), so the second of them comes from Triton's cache "
-            "(compile time near 0), as does any case compiled before.", ""]
+            "Budgets: sm_80 (A100) 166,912 B, sm_90 (H100) 232,448 B of shared memory per block. "
+            "Registers and spill stack per thread from `cuobjdump -res-usage`. Head dims 72 and "
+            "128 compile to the same binary (BLOCK_D 128), so the second of them comes from "
+            "Triton's cache (compile time near 0), as does any case compiled before.", ""]
     old = (64, 32, 128, 128, 4, 3)  # previous tiles at head dim 72/128 (3 = Triton's default)
     before = [("sm_90", "fp32 tf32", 72, "jvp"), ("sm_90", "fp32 tf32", 72, "bwd_jvp"),
               ("sm_80", "fp32 tf32", 72, "bwd"), ("sm_80", "bf16", 72, "bwd_jvp")]
