@@ -7,6 +7,11 @@ What is timed (each row one (shape, method)); "ours" = kernels.attention_jvp:
   +bwd(o)        fwd+jvp then backward through o only
   +bwd(o,do)     fwd+jvp then backward through o and do (TVM)
   dit-step       a full DiT training step whose loss uses torch.func.jvp (MeanFlow-style)
+  tvm-step       a full TVM training step (methods/tvm.py, w = 1, its DiT options): the JVP along s
+                 WITH grad (forward-AD dual numbers, as the method; naive: torch.func.jvp, since
+                 PyTorch's softmax forward-AD rule breaks a backward through the tangent), a
+                 no-grad target-EMA forward, the flow-matching forward, one backward through both
+                 attention outputs; bf16 autocast on CUDA (as --precision bf16)
 Columns: time (median of the reps on CUDA, best on CPU), peak memory above the inputs, time / flash forward of the same shape
 (ideal forward+JVP is about 3x), and time / the naive torch.func.jvp of the same mode.
 
@@ -116,6 +121,47 @@ def dit_fn(method, cfg, batch, device):
     return run
 
 
+def tvm_fn(method, cfg, batch, device):
+    """One TVM training step as methods/tvm.py takes it (see the module docstring)."""
+    import copy
+
+    import common.dit as dit
+    fwAD = torch.autograd.forward_ad
+    torch.manual_seed(0)
+    dit.sdpa = A.sdpa if method == "ours-sdpa" else naive
+    net = dit.DiT(**cfg, n_cond=1, qk_norm=True, norm="rms", modnorm=True).to(device)
+    target = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: see dit_fn
+    amp = torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
+    s_ = cfg["input_size"]
+    x = torch.randn(batch, cfg["in_channels"], s_, s_, device=device)
+    e = torch.randn_like(x)
+    t, s2 = torch.rand(batch, device=device), torch.rand(batch, device=device)
+    s = t * torch.rand(batch, device=device)
+    col = lambda a: a.view(-1, 1, 1, 1)  # noqa: E731
+    x_t, x_s2 = (1 - col(t)) * x + col(t) * e, (1 - col(s2)) * x + col(s2) * e
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
+    c, one = torch.ones(batch, 1, device=device), torch.ones(batch, device=device)
+
+    def jvp_s():
+        if method == "ours-sdpa":
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(net(x_t, t, fwAD.make_dual(s, one), y, c))
+        return torch.func.jvp(lambda s_: net(x_t, t, s_, y, c), (s,), (one,))
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            u, du = jvp_s()
+            f, df = x_t - col(t - s) * u, u - col(t - s) * du
+            with torch.no_grad():
+                v_end = target(f, s, s, y, c)
+            u_fm = net(x_s2, s2, s2, y, c)
+        (((df - v_end) ** 2).mean() + ((u_fm - (e - x)) ** 2).mean()).backward()
+        opt.step()
+    return run
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -162,7 +208,7 @@ def build(spec, device):
     if spec["kind"] == "attn":
         return attn_fn(spec["mode"], spec["method"], *spec["shape"], getattr(torch, spec["dtype"]),
                        device)
-    return dit_fn(spec["method"], spec["cfg"], spec["batch"], device)
+    return (tvm_fn if spec["mode"] == "tvm-step" else dit_fn)(spec["method"], spec["cfg"], spec["batch"], device)
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -217,8 +263,8 @@ def plan(device, quick, smoke):
         dit_batch = 8
     specs = [dict(kind="attn", mode=m, method=meth, shape=list(s), dtype=dtype)
              for s in shapes for m, meth in ATTN_CASES]
-    specs += [dict(kind="dit", mode="dit-step", method=meth, cfg=dit_cfg, batch=dit_batch)
-              for meth in ("ours-sdpa", "naive")]
+    specs += [dict(kind="dit", mode=mode, method=meth, cfg=dit_cfg, batch=dit_batch)
+              for mode in ("dit-step", "tvm-step") for meth in ("ours-sdpa", "naive")]
     return specs, dtype
 
 
