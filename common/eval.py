@@ -1,17 +1,33 @@
-"""Evaluation helpers: sample quality at 1, 2 and 4 steps, and sample grids.
+"""Evaluation helpers: sample quality at 1, 2 and 4 steps, sample grids, and a standalone scorer.
 
 A method hands in `sample_fn(e, y, steps) -> x0` (its own sampler) and the data loader.
 - vector data: energy distance between model samples and fresh data samples (`ed@K`); on `gmm`
   also the flow-map error against the exact oracle map f*(e, 1, 0) (`fm_err@K`, RMS distance
   between the model's K-step sample and the exact ODE endpoint of the same noise and label).
-- images: FID through clean-fid's Frechet distance (`fid@K`). Features: for mnist a small CNN
-  trained once on the shipped digits (seeded, cached under ~/.cache/cleanflow); otherwise
-  clean-fid's Inception network where its weights can be loaded (none can be downloaded here).
-  For mnist also `acc@K`: the CNN's accuracy on class-conditional samples (label fidelity).
+- images: Frechet distance of features (`fid@K`, clean-fid's formula). Features: for mnist a small
+  CNN trained once on the shipped digits (seeded, cached under ~/.cache/cleanflow), plus `acc@K`,
+  its accuracy on class-conditional samples; otherwise clean-fid's Inception network (Parmar et
+  al., "On Aliased Resizing and Surprising Subtleties in GAN Evaluation", github.com/GaParmar/
+  clean-fid) from a TorchScript file (`--inception`), on the evaluation device, after clean-fid's
+  "clean" resize to 299 px. Latent data are decoded first by a diffusers AutoencoderKL from a local
+  folder (`--vae`): z = x * std + mean (the shards' statistics), images = vae.decode(z).sample.
+  The reference statistics come from an .npz with `mu` and `sigma` (`--fid-ref`, e.g. ADM's
+  VIRTUAL_imagenet256_labeled.npz) or are computed once from n data rows.
+
+Scale: under torch.distributed every rank draws the same noise (seeded, as one process would),
+samples its contiguous share of the rows in batches, and features are reduced as sufficient
+statistics (count, sum, sum of outer products in float64): 50k samples never sit in one batch or
+one process, and every rank returns the same metrics. Run as a module to score a saved model:
+`python -m common.eval --ckpt run/model.safetensors --fid-ref ref.npz --inception inception.pt ...`.
 """
+import json
 import math
 import os
+import sys
 import time
+import zlib
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -19,24 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CACHE = os.environ.get("CLEANFLOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cleanflow"))
+CHUNK = 2000  # evaluation noise is drawn in chunks of this many rows (fixes the noise of every row)
+DECODE = 32  # VAE decode batch (a 256 px decode is memory-hungry)
+CLEANFID_INCEPTION = "/tmp/inception-2015-12-05.pt"  # where clean-fid caches its download on Linux
 
 
 def energy_distance(a, b):
     """Energy distance 2E|a-b| - E|a-a'| - E|b-b'| (a V-statistic; 0 iff equal laws)."""
     a, b = a.double().flatten(1), b.double().flatten(1)
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
-
-
-@torch.no_grad()
-def draw(sample_fn, shape, labels, steps, gen, batch=2000):
-    """Model samples at `steps` steps for the given labels, and the noise used. Noise comes from
-    `gen` only, so every step count (and every method) sees the same noise."""
-    xs, es = [], []
-    for i in range(0, len(labels), batch):
-        e = torch.randn(len(labels[i:i + batch]), *shape, generator=gen)
-        xs.append(sample_fn(e, labels[i:i + batch], steps).float().cpu())
-        es.append(e)
-    return torch.cat(xs), torch.cat(es)
 
 
 def time_forward(net, x, y, reps=10):
@@ -59,7 +66,79 @@ def time_forward(net, x, y, reps=10):
     return float(np.median(times[3:]))
 
 
-# ---------------------------------------------------------------- image features
+# ---------------------------------------------------------------- distributed helpers
+def _rank_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _share(n, rank=None):
+    """Rows [lo, hi) of n that this rank (or `rank`) evaluates: contiguous, sizes differ by <= 1."""
+    r, w = _rank_world()
+    r = r if rank is None else rank
+    return r * n // w, (r + 1) * n // w
+
+
+def _all_sum(t):
+    if _rank_world()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _gather_rows(x, n):
+    """All n rows on every rank from each rank's share x (on the communication device)."""
+    _, w = _rank_world()
+    if w == 1:
+        return x
+    m = -(-n // w)
+    pad = torch.cat([x, x.new_zeros(m - len(x), *x.shape[1:])])
+    out = [torch.empty_like(pad) for _ in range(w)]
+    torch.distributed.all_gather(out, pad)
+    return torch.cat([o[:_share(n, i)[1] - _share(n, i)[0]] for i, o in enumerate(out)])
+
+
+@torch.no_grad()
+def draw(sample_fn, shape, labels, steps, seed, batch=CHUNK, rows=None):
+    """Yields (rows, samples) for the evaluation rows [lo, hi) = `rows` (default: all), `batch` at a
+    time. The noise of every row is drawn from one generator seeded with `seed`, in chunks of CHUNK
+    rows as one process always did, so every step count, method and world size sees the same noise."""
+    gen, n = torch.Generator().manual_seed(seed), len(labels)
+    lo, hi = rows or (0, n)
+    for i in range(0, hi, CHUNK):
+        e = torch.randn(min(CHUNK, n - i), *shape, generator=gen)
+        for j in range(max(lo, i), min(hi, i + len(e)), batch):
+            r = slice(j, min(j + batch, hi, i + len(e)))
+            yield r, sample_fn(e[r.start - i:r.stop - i], labels[r], steps)
+
+
+class Stats:
+    """Mean and covariance of feature rows from running sums (float64), summed over ranks."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, 0.0, 0.0
+
+    def add(self, f):
+        f = f.double()
+        self.n, self.s, self.ss = self.n + len(f), self.s + f.sum(0), self.ss + f.T @ f
+
+    def mu_sigma(self):
+        d = len(self.s)
+        flat = _all_sum(torch.cat([torch.tensor([float(self.n)], dtype=torch.float64, device=self.s.device),
+                                   self.s, self.ss.flatten()]))
+        n, s, ss = flat[0].item(), flat[1:d + 1], flat[d + 1:].reshape(d, d)
+        mu = s / n
+        return mu.cpu().numpy(), ((ss - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()
+
+
+def frechet(a, b):
+    """Frechet distance of two (mu, sigma) pairs (clean-fid's implementation)."""
+    from cleanfid.fid import frechet_distance
+
+    return float(frechet_distance(a[0], a[1], b[0], b[1]))
+
+
+# ---------------------------------------------------------------- feature networks
 class DigitCNN(nn.Module):
     """Small MNIST classifier; its 128-d penultimate layer is the FID feature space."""
 
@@ -112,90 +191,170 @@ def mnist_classifier(epochs=4, seed=0):
     return model, acc
 
 
-def inception():
-    """clean-fid's Inception feature extractor, or None (with the reason) when its weights
-    cannot be loaded (this workplace has no internet)."""
+def load_inception(path, device):
+    """(features, note): features maps uint8-range float images [N, 3, 299, 299] to [N, D]. `path`:
+    clean-fid's Inception TorchScript file (inception-2015-12-05.pt) or any TorchScript module with
+    that call; None tries clean-fid's own download cache."""
+    if path is None:
+        if not os.path.isfile(CLEANFID_INCEPTION):
+            return None, "no Inception weights (pass --inception FILE, clean-fid's inception-2015-12-05.pt): FID skipped"
+        path = CLEANFID_INCEPTION
+    if not os.path.isfile(path):
+        raise SystemExit(f"--inception {path}: no such file (expected clean-fid's inception-2015-12-05.pt)")
     try:
-        from cleanfid.features import build_feature_extractor
+        net = torch.jit.load(path, map_location=device).eval()
+    except Exception as err:
+        raise SystemExit(f"--inception {path}: not a TorchScript module ({type(err).__name__})") from None
+    if hasattr(net, "layers"):  # the real file: as clean-fid's InceptionV3W (resize_inside=False)
+        return (lambda x: net.layers((x - 128) / 128).reshape(len(x), -1)), None
+    return (lambda x: net(x).reshape(len(x), -1)), None
 
-        return build_feature_extractor("clean", torch.device("cpu")), None
-    except Exception as err:  # no weights in the cache and no download possible
-        return None, f"Inception weights unavailable ({type(err).__name__}); FID skipped"
+
+def resize_clean(img):
+    """clean-fid's "clean" resize to 299 px (PIL bicubic on each float channel, clipped to [0, 255]),
+    batched on the images' device: torch's antialiased bicubic uses PIL's kernel (a = -0.5) and in
+    float64 agrees with clean-fid's resizer to 2e-5 (of 255) from 16 to 512 px (tests/test_eval.py)."""
+    return F.interpolate(img.double(), (299, 299), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255).float()
 
 
-def frechet(f1, f2):
-    from cleanfid.fid import frechet_distance
+def load_vae(spec, device):
+    """A diffusers AutoencoderKL from a local folder (save_pretrained layout) or single file."""
+    from diffusers.models import AutoencoderKL
 
-    f1, f2 = f1.double().numpy(), f2.double().numpy()
-    return float(frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)))
+    if not os.path.exists(spec):
+        raise SystemExit(f"--vae {spec}: no such folder (expected a local diffusers AutoencoderKL folder)")
+    try:
+        load = AutoencoderKL.from_pretrained if os.path.isdir(spec) else AutoencoderKL.from_single_file
+        vae = load(spec, local_files_only=True)
+    except Exception as err:
+        raise SystemExit(f"--vae {spec}: cannot load a diffusers AutoencoderKL ({str(err).splitlines()[0][:200]})") from None
+    return vae.to(device).eval().requires_grad_(False)
 
 
 class Evaluator:
-    """Metrics of a sampler at several step counts against a data set (see module docstring).
-    Uses its own generators: evaluating never changes the training stream."""
+    """Metrics of a sampler at several step counts against a data set (see module docstring). Call
+    it on every rank under torch.distributed. Uses its own generators: evaluating never changes
+    the training stream. `note`: why a metric is skipped (or None); `decode`: latents -> images."""
 
-    def __init__(self, loader, n=2000, seed=0):
-        self.loader, self.n, self.seed = loader, n, seed
-        self.kind, self.note, self.shape = loader.info["kind"], None, loader.info["shape"]
+    def __init__(self, loader, n=2000, seed=0, device="cpu", vae=None, fid_ref=None, inception=None, batch=250):
+        self.loader, self.n, self.seed, self.device = loader, n, seed, torch.device(device)
+        info = loader.info
+        self.kind, self.note, self.shape, self.decode = info["kind"], None, tuple(info["shape"]), None
+        self.batch = batch if self.kind == "image" else CHUNK
         real, self.labels = loader.sample(n, torch.Generator().manual_seed(seed + 1))
         if self.kind == "vector":
             self.real = real
             if loader.gmm is not None:  # the exact endpoints of the evaluation noise, computed once
                 e = torch.randn(n, *self.shape, generator=torch.Generator().manual_seed(seed))
                 self.exact = loader.gmm.flow_map(e.double(), 1.0, 0.0, self.labels, steps=100)
-        else:
-            self.features, self.classify = self._extractor()
-            if self.features is not None:  # mnist: all 5000 digits as the reference set
-                self.real_feat = self.features(loader.x if loader.name == "mnist" else real)
+            return
+        self.features, self.classify = self._extractor(info, vae, inception)
+        if self.features is None:
+            return
+        dim = self.features(real[:2].to(self.device)).shape[1]
+        if fid_ref is not None:
+            self.ref = load_ref(fid_ref, dim)
+        else:  # mnist: all 5000 digits as the reference set (as always); else the n data rows
+            data, step = (loader.x, 500) if loader.name == "mnist" else (real, self.batch)
+            stats, (lo, hi) = Stats(), _share(len(data))
+            for i in range(lo, hi, step):
+                stats.add(self.features(data[i:min(i + step, hi)].to(self.device)))
+            self.ref = stats.mu_sigma()
 
-    def _extractor(self):
+    def _extractor(self, info, vae, inception):
         if self.loader.name == "mnist":
             model, self.classifier_acc = mnist_classifier()
-            feats = lambda x: torch.cat([model.conv(x[i:i + 500].clamp(-1, 1)) for i in range(0, len(x), 500)])
-            return (lambda x: _nograd(feats, x)), (lambda x: _nograd(lambda z: model(z.clamp(-1, 1)).argmax(1), x))
-        model, self.note = inception()
-        if model is None or self.shape[0] != 3:
-            self.note = self.note or "FID needs 3-channel images: skipped"
+            model = model.to(self.device)
+            return (_nograd(lambda x: model.conv(x.clamp(-1, 1))),
+                    _nograd(lambda x: model(x.clamp(-1, 1)).argmax(1)))
+        channels = self.shape[0]
+        if "mean" in info or self.loader.name == "imagenet-latent":
+            named = info.get("vae")  # the shards' VAE: used when it is a local folder (never downloaded)
+            vae = vae if vae is not None else (named if os.path.isdir(str(named)) else None)
+            if vae is None:
+                self.note = (f"latent data without a VAE (pass --vae DIR, a local diffusers AutoencoderKL folder"
+                             f"{f' of {named}' if named else ''}): FID skipped, grids show latent channels 0-2")
+                return None, None
+            vae = load_vae(vae, self.device) if isinstance(vae, str) else vae
+            if vae.config.latent_channels != channels:
+                raise SystemExit(f"--vae: latent_channels {vae.config.latent_channels}, but the data have {channels} channels")
+            shards = getattr(self.loader, "shards", None)
+            mean, std = (torch.as_tensor(info.get(k, getattr(shards, k, v)), dtype=torch.float32).reshape(1, -1, 1, 1).to(self.device)
+                         for k, v in (("mean", 0.0), ("std", 1.0)))
+            self.decode = _nograd(lambda x: torch.cat([vae.decode(z * std + mean).sample.float() for z in
+                                                       x.to(self.device).float().split(DECODE)]).clamp(-1, 1))
+            channels = vae.config.out_channels
+        net, self.note = load_inception(inception, self.device)
+        if net is None or channels != 3:
+            self.note = self.note or f"FID needs 3-channel images, the data have {channels}: skipped"
             return None, None
-        from cleanfid.resize import build_resizer
+        decode = self.decode or (lambda x: x)
 
-        resize = build_resizer("clean")  # as clean-fid's own get_model_features: uint8 -> 299 px
+        def feats(x):  # as clean-fid: images -> uint8 values -> resized floats -> Inception
+            u8 = ((decode(x.float()).clamp(-1, 1) + 1) * 127.5).round()
+            return net(resize_clean(u8)).float()
 
-        def feats(x):
-            imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            big = torch.stack([torch.from_numpy(resize(im).transpose(2, 0, 1).copy()) for im in imgs])
-            return torch.cat([model(big[i:i + 100]) for i in range(0, len(big), 100)]).float()
-
-        return (lambda x: _nograd(feats, x)), None
+        return _nograd(feats), None
 
     def __call__(self, sample_fn, steps=(1, 2, 4)):
         metrics = {"feature_net_acc": self.classifier_acc} if hasattr(self, "classifier_acc") else {}
         for k in steps:
-            x, e = draw(sample_fn, self.shape, self.labels, k, torch.Generator().manual_seed(self.seed))
-            if not torch.isfinite(x).all():
-                metrics[f"nonfinite@{k}"] = 1.0
-                continue
+            batches = draw(sample_fn, self.shape, self.labels, k, self.seed, self.batch, _share(self.n))
             if self.kind == "vector":
+                x = torch.cat([x.float().to(self.device) for _, x in batches])
+                x = _gather_rows(x, self.n).cpu()
+                if not torch.isfinite(x).all():
+                    metrics[f"nonfinite@{k}"] = 1.0
+                    continue
                 metrics[f"ed@{k}"] = energy_distance(x, self.real)
                 if self.loader.gmm is not None:
                     metrics[f"fm_err@{k}"] = math.sqrt(((x.double() - self.exact) ** 2).sum(1).mean().item())
+                continue
+            stats, counts = Stats(), torch.zeros(2, dtype=torch.float64, device=self.device)  # [nonfinite, correct]
+            for rows, x in batches:
+                x = x.float().to(self.device)
+                if not torch.isfinite(x).all():
+                    counts[0] += 1
+                elif self.features is not None:
+                    stats.add(self.features(x))
+                    if self.classify is not None:
+                        counts[1] += (self.classify(x).cpu() == self.labels[rows]).sum()
+            if _all_sum(counts)[0] > 0:
+                metrics[f"nonfinite@{k}"] = 1.0
             elif self.features is not None:
-                metrics[f"fid@{k}"] = frechet(self.features(x), self.real_feat)
-                if self.classify is not None:
-                    metrics[f"acc@{k}"] = (self.classify(x) == self.labels).float().mean().item()
+                metrics[f"fid@{k}"] = frechet(stats.mu_sigma(), self.ref)
+                if self.classify is not None:  # float32 mean, as before
+                    metrics[f"acc@{k}"] = (torch.tensor(counts[1].item(), dtype=torch.float32) / self.n).item()
         return metrics
 
 
-def _nograd(fn, x):
-    with torch.no_grad():
-        return fn(x)
+def load_ref(path, dim):
+    """(mu, sigma) from an .npz (ADM's reference batches and clean-fid's stats files have both)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--fid-ref {path}: no such file (expected an .npz with mu [D] and sigma [D, D])")
+    try:
+        with np.load(path) as z:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except Exception as err:
+        raise SystemExit(f"--fid-ref {path}: expected an .npz with arrays 'mu' and 'sigma' ({type(err).__name__}: {err})") from None
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise SystemExit(f"--fid-ref {path}: mu {mu.shape}, sigma {sigma.shape} do not fit the {dim}-d features of the feature network")
+    return mu, sigma
+
+
+def _nograd(fn):
+    def run(x):
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return fn(x)
+    return run
 
 
 # ---------------------------------------------------------------- grids
 @torch.no_grad()
-def save_grid(sample_fn, loader, steps, path, seed=0, n=None):
+def save_grid(sample_fn, loader, steps, path, seed=0, n=None, decode=None):
     """One figure with the model's samples at each step count (same noise), next to the data:
-    a scatter for 2-D data, an image grid (a row of 10 per class, or 64) for images."""
+    a scatter for 2-D data, an image grid (a row of 10 per class, or 64) for images. `decode`
+    (Evaluator.decode) turns latents into images; without it latent grids show channels 0-2."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +364,8 @@ def save_grid(sample_fn, loader, steps, path, seed=0, n=None):
     if loader.info["kind"] == "vector":
         real, y = loader.sample(n or 2000, torch.Generator().manual_seed(seed + 1))
         fig, axes = plt.subplots(1, len(steps) + 1, figsize=(3 * (len(steps) + 1), 3.2))
-        panels = [("data", real)] + [(f"{k} step{'s' * (k > 1)}", draw(sample_fn, real.shape[1:], y, k, torch.Generator().manual_seed(seed))[0]) for k in steps]
+        panels = [("data", real)] + [(f"{k} step{'s' * (k > 1)}", torch.cat([x.float().cpu() for _, x in
+                                      draw(sample_fn, real.shape[1:], y, k, seed)])) for k in steps]
         lim = real.abs().max().item() * 1.3
         for ax, (title, pts) in zip(axes, panels):
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
@@ -227,7 +387,8 @@ def save_grid(sample_fn, loader, steps, path, seed=0, n=None):
             y = y.sort(stable=True).values
         fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4.3))
         for ax, k in zip(np.atleast_1d(axes), steps):
-            x = sample_fn(e, y, k).float().cpu().clamp(-1, 1)
+            x = sample_fn(e, y, k).float()
+            x = (decode(x) if decode is not None else x).cpu().clamp(-1, 1)
             img = torchvision.utils.make_grid(x[:, :3] * 0.5 + 0.5, nrow=int(math.ceil(math.sqrt(n))) if not k_cls else n // min(k_cls, 10), padding=1)
             ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_title(f"{k} step{'s' * (k > 1)}")
@@ -235,3 +396,129 @@ def save_grid(sample_fn, loader, steps, path, seed=0, n=None):
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- standalone scorer
+@dataclass
+class Score:
+    """Scores a saved model: `python -m common.eval --ckpt run/model.safetensors ...` (or under torchrun)."""
+
+    ckpt: str
+    """model.safetensors written by a method (the network config travels in its metadata)"""
+    dataset: Optional[str] = None
+    """data set (default: the checkpoint's)"""
+    data_root: str = "data"
+    """folder of cifar10 or of the imagenet-latent shards"""
+    vae: Optional[str] = None
+    """local diffusers AutoencoderKL folder decoding latent data (default: the shards' vae, if a local folder)"""
+    inception: Optional[str] = None
+    """clean-fid's Inception TorchScript file inception-2015-12-05.pt (or a stand-in with its call)"""
+    fid_ref: Optional[str] = None
+    """.npz with reference `mu` and `sigma` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz); default: --samples data rows"""
+    steps: tuple[int, ...] = (1, 2, 4)
+    """sampling step counts to score"""
+    samples: int = 50000
+    """samples per step count"""
+    sampler: Optional[Literal["flowmap", "euler", "denoiser"]] = None
+    """flowmap: x <- x - (t_k - t_k+1) u(x, t_k, t_k+1); euler: u(x, t, t) as a velocity; denoiser: x0 = x - t u(x, t, t),
+    re-noised to the next time (default: the checkpoint's `sampler` metadata, else flowmap)"""
+    cfg_scale: Optional[float] = None
+    """guidance u_null + w (u_y - u_null) (default: the checkpoint's `cfg_scale`, else 1: none)"""
+    seed: int = 0
+    """evaluation seed (noise, labels, data rows)"""
+    batch: int = 250
+    """samples per batch and process"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    out: Optional[str] = None
+    """metrics JSON (default: eval_<sampler>.json next to --ckpt)"""
+
+
+def make_sampler(net, kind, w, null, device):
+    """sample_fn(e, y, k) of a network u(x, t, s, y) with one of the three samplers (see Score)."""
+
+    def u(x, t, s, y):
+        t, s = t.expand(len(x)), s.expand(len(x))
+        if w == 1.0:
+            return net(x, t, s, y)
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([y, torch.full_like(y, null)]))
+        u_y, u_null = out.chunk(2)
+        return u_null + w * (u_y - u_null)
+
+    @torch.no_grad()
+    def sample(e, y, k):
+        x, y, ts = e.to(device), y.to(device), torch.linspace(1, 0, k + 1, device=device)
+        if kind == "denoiser":  # fresh noise per row, seeded by the row's own noise: batch- and rank-free
+            seeds = [zlib.crc32(row.numpy().tobytes()) for row in e.cpu()]
+            for j in range(k):
+                x0 = x - ts[j] * u(x, ts[j], ts[j], y)
+                if j < k - 1:
+                    fresh = torch.stack([torch.randn(e.shape[1:], generator=torch.Generator().manual_seed(sd * 64 + j)) for sd in seeds])
+                    x = (1 - ts[j + 1]) * x0 + ts[j + 1] * fresh.to(device)
+            return x0
+        for j in range(k):
+            x = x - (ts[j] - ts[j + 1]) * u(x, ts[j], ts[j + 1] if kind == "flowmap" else ts[j], y)
+        return x
+
+    return sample
+
+
+def score(args):
+    from common.data import make_loader
+    from common.dit import load, read_meta
+
+    if args.samples <= 0 or args.batch <= 0 or not args.steps or min(args.steps) <= 0:
+        raise SystemExit(f"--samples {args.samples} / --batch {args.batch} / --steps {args.steps}: expected positive integers")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device {args.device}: expected auto, cpu or cuda (with a GPU)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    try:
+        meta = read_meta(args.ckpt)
+        net = load(args.ckpt, device=device).eval().requires_grad_(False)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"--ckpt {args.ckpt}: {str(err).splitlines()[0]}") from None
+    config, dataset = meta["config"], args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise SystemExit(f"--dataset: the checkpoint {args.ckpt} does not name its data set; pass --dataset")
+    if config.get("n_cond", 0):
+        raise SystemExit(f"--ckpt {args.ckpt}: the network takes {config['n_cond']} extra conditions c; the scorer feeds none")
+    sampler = args.sampler or meta.get("sampler", "flowmap")
+    if sampler not in ("flowmap", "euler", "denoiser"):
+        raise SystemExit(f"--sampler: the checkpoint names {sampler!r}; pass --sampler flowmap|euler|denoiser")
+    w = args.cfg_scale if args.cfg_scale is not None else float(meta.get("cfg_scale", 1.0))
+    loader = make_loader(dataset, world, args.seed, args.data_root)  # its batch size is unused here
+    info = loader.info
+    shape = (config["dim"],) if config["kind"] == "mlp" else (config["in_channels"], config["input_size"], config["input_size"])
+    if tuple(shape) != tuple(info["shape"]) or config["num_classes"] != info["num_classes"]:
+        raise SystemExit(f"--ckpt {args.ckpt}: network for data {shape} with {config['num_classes']} classes, but --dataset "
+                         f"{dataset} has {tuple(info['shape'])} with {info['num_classes']}")
+    tic = time.perf_counter()
+    ev = Evaluator(loader, args.samples, args.seed, device, args.vae, args.fid_ref, args.inception, args.batch)
+    ref_s = time.perf_counter() - tic
+    metrics = ev(make_sampler(net, sampler, w, info["num_classes"], device), args.steps)
+    result = dict(ckpt=args.ckpt, dataset=dataset, sampler=sampler, cfg_scale=w, samples=args.samples, seed=args.seed,
+                  world_size=world, fid_ref=args.fid_ref, note=ev.note, metrics=metrics, setup_s=ref_s,
+                  sampling_s=time.perf_counter() - tic - ref_s)
+    if rank == 0:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{sampler}.json")
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(metrics))
+        if ev.note:
+            print(f"note: {ev.note}")
+        print(f"wrote {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    import tyro
+
+    score(tyro.cli(Score, args=sys.argv[1:]))

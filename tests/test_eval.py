@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.data import make_loader
@@ -41,3 +42,28 @@ def test_time_forward_leaves_rng_alone():
     state = torch.get_rng_state()
     assert time_forward(net, x, torch.zeros(4, dtype=torch.long), reps=2) > 0
     assert torch.equal(torch.get_rng_state(), state) and net.training
+
+
+def test_single_process_numbers_are_those_of_the_old_evaluator():
+    """Reference values printed by the evaluator before the distributed rewrite (commit 0ef0cf8),
+    for samplers that act row by row (so the new sampling batch cannot matter)."""
+    loader = make_loader("gmm", 16)
+    exact = lambda e, y, k: loader.gmm.flow_map(e.double(), 1.0, 0.0, y, steps=100).float()
+    euler = lambda e, y, k: e - loader.gmm.velocity(e, torch.ones(len(e)), y) / k
+    ev = Evaluator(loader, n=1000, seed=3)
+    assert ev(exact, (1,)) == {"ed@1": 0.0007059577277397366, "fm_err@1": 4.60781285545955e-08}
+    assert ev(euler, (1, 2)) == {"ed@1": 0.03705105113858087, "fm_err@1": 0.39932357629367704,
+                                 "ed@2": 0.20598911639720452, "fm_err@2": 0.9792594021619191}
+    assert Evaluator(make_loader("moons", 16), n=2500, seed=1)(lambda e, y, k: e * 0.5 + k, (1, 4)) == \
+        {"ed@1": 1.3132238595754462, "ed@4": 8.917438844321712}
+    loader = make_loader("mnist", 16)
+    ev = Evaluator(loader, n=600, seed=2)
+    if ev.classifier_acc != 0.9760000109672546:
+        pytest.skip("the cached digit classifier differs from the one the reference values were computed with")
+    bank = [loader.x[loader.y == c] for c in range(10)]
+    real = lambda e, y, k: torch.stack([bank[c][i] for c, i in zip(y.tolist(), ((e[:, 0, 0, 0].abs() * 1000).long() % 400).tolist())])
+    blend = lambda e, y, k: (0.3 * e / k + real(e, y, k)).clamp(-1, 1)
+    m = {**ev(real, (1,)), **{f"b{k}": v for k, v in ev(blend, (1, 2)).items()}}
+    old = {"fid@1": 4.807095871887213, "acc@1": 0.971666693687439, "bfid@1": 17.84115996167543,
+           "bacc@1": 0.9649999737739563, "bfid@2": 8.146873829632568, "bacc@2": 0.9666666388511658}
+    assert {k: m[k] for k in old} == pytest.approx(old, rel=1e-9)  # FID: sums of outer products vs np.cov
