@@ -34,14 +34,14 @@ learns from the correction rows' x0 only. Labels: the loop still draws a data ba
 labels are used (x is discarded): the class frequencies of the data set, as the evaluation uses.
 Where: sample_d / sample_r (times), guided (teacher), deriv (dF_dd), freeflow_loss (both terms in
 ONE student forward with grad: prediction rows then correction rows, DDP-safe), aux_loss, sample.
-The no-grad derivative pass runs on the whole batch inside fork_rng (fp32 under bf16), so the grad
-forward reuses its dropout masks. With a teacher checkpoint the student and v_N start as copies of
-it (--hidden, --depth ... ignored); with `--teacher oracle` (gmm) they are fresh nets.
+The no-grad derivative pass runs on the whole batch inside fork_rng (fp32 under bf16): the grad
+forward reuses its dropout masks. The student and v_N start as copies of the teacher checkpoint
+(--hidden, --depth ... ignored; fresh nets with `--teacher oracle`). Only maps from t = 1 are
+trained: 1 step is the paper's use; K > 1 flow-map steps start from t < 1, never trained here.
 
-Run:        python methods/freeflow.py                   (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/freeflow.py --deriv fd --fd-step 1e-3
-Paper setting (SiT-XL/2 + REPA teacher, ImageNet 256): 1-NFE FID 1.45 (teacher 1.37 at 434 NFE);
-512: 1.49. Reference: results/freeflow/<dataset>/
+Run:        python methods/freeflow.py  (gmm, teacher results/fm/gmm/model.safetensors; --deriv fd for the paper's)
+Paper (SiT-XL/2 + REPA teacher): ImageNet 256 1-NFE FID 1.45 (teacher 1.37 at 434 NFE); 512: 1.49.
+Reference: results/freeflow/<dataset>/
 """
 import copy
 import json
