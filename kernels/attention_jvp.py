@@ -48,6 +48,7 @@ through both outputs) follows lumalabs/tvm ``jvp_utils``; the streaming forward+
 idea of amorehead/jvp_flash_attention and NVlabs/rcm. The code here is written from the formulas in
 KERNEL.md.
 """
+import contextlib
 import math
 import os
 
@@ -693,7 +694,7 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
 
 
 def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
-    with torch.autocast(q.device.type, enabled=False):  # the reference's fp32 matmuls stay fp32
+    with _no_autocast(q):  # the reference's fp32 matmuls stay fp32
         if _use_triton(q):
             return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
         return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
@@ -702,7 +703,7 @@ def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
 def _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
     if g is None and gt is None:
         return (None,) * 6
-    with torch.autocast(q.device.type, enabled=False):
+    with _no_autocast(q):
         if _use_triton(q):
             return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
         return attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal,
@@ -811,6 +812,11 @@ class _SDPA(torch.autograd.Function):
         return do, None  # lse is non-differentiable (its tangent would be mu)
 
 
+def _no_autocast(x):
+    """Autocast off on x's device (autocast knows no meta device: a no-op there)."""
+    return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def sdpa(q, k, v, causal=False, scale=None):
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`` on
     (B, H, N, D) tensors (see the module docstring for the causal alignment when N != M), with a
@@ -819,7 +825,8 @@ def sdpa(q, k, v, causal=False, scale=None):
     Mixed dtypes (e.g. fp32 q/k after an RMSNorm and bf16 v under autocast) are cast to one dtype:
     the autocast dtype when autocast is on for the device (as PyTorch's own sdpa does), else v's."""
     dev = q.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    amp = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)  # autocast knows no meta device
+    dt = torch.get_autocast_dtype(dev) if amp else v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale))
     return o
