@@ -51,6 +51,8 @@ def time_forward(net, x, y, reps=10):
     grad: the unit of the forward-pass-equivalent (FPE) cost. Leaves every RNG untouched."""
     gen = torch.Generator().manual_seed(0)
     t = torch.rand(len(x), generator=gen).to(x.device)
+    n_cond = getattr(net, "config", {}).get("n_cond", 0)  # extra scalar inputs (a guidance scale, ...): ones
+    c = torch.ones(len(x), n_cond, device=x.device) if n_cond else None
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
     was_training = net.training
@@ -59,7 +61,7 @@ def time_forward(net, x, y, reps=10):
         for i in range(reps + 3):
             sync()
             tic = time.perf_counter()
-            net(x, t, t * 0.5, y)
+            net(x, t, t * 0.5, y, c)
             sync()
             times.append(time.perf_counter() - tic)
     net.train(was_training)
