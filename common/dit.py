@@ -1,7 +1,7 @@
 """The networks every method shares: a small DiT for images and an MLP for vectors.
 
 Both are called as `net(x_t, t, s, y, c=None) -> u`: the average velocity from time t to time
-s <= t (METHODS.md section 0). They embed t and h = t - s with two sinusoidal embedders, the
+s <= t (the README's notation). They embed t and h = t - s with two sinusoidal embedders, the
 class label y (id `num_classes` is the null class used for guidance dropout; unconditional data
 has num_classes = 0 and always passes y = 0), and `n_cond` optional extra scalars c [B, n_cond]
 (a guidance scale, a guidance interval, ...). The output layer is zero-initialized (adaLN-zero).
@@ -17,7 +17,7 @@ linear-beta schedule, see ddpm_time). `load_teacher` checks such a teacher's VAE
 against the data.
 
 Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode rule, so
-`torch.func.jvp` through the DiT works (PyTorch's fused attention has none: ../KERNEL.md).
+`torch.func.jvp` through the DiT works (PyTorch's fused attention has none: kernels/attention_jvp.py).
 
 Precision: under `torch.autocast` (the `--precision bf16` of the method files) the time
 embedding's sinusoid is computed from fp32 times and the output is returned in fp32, so targets

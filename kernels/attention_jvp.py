@@ -3,10 +3,27 @@
 Why this file exists: every JVP-based few-step method (MeanFlow, iMF, sCM, AYF, TVM, ...) pushes a
 tangent through the network. PyTorch's fused attention kernels have no forward-mode rule, and the
 math fallback materializes the N x M attention matrix. TVM moreover back-propagates through the
-JVP output. See shared KERNEL.md for the derivation; in short, per batch-head with scale c:
+JVP output. The math, per batch-head with scale c (rows i, keys j):
 
     S  = c Q K^T        P = softmax_row(S)        O = P V
     dS = c (dQ K^T + Q dK^T)      mu = rowsum(P * dS)      dO = (P * dS) V - mu * O + P dV
+
+Streaming form (one pass over key blocks, running max m, rescale a = exp(m_old - m_new), fp32
+statistics): keep l, acc += p V, nu += rowsum(p * dS) and one tangent accumulator
+tacc += (p * dS) V + p dV; at the end O = acc / l, mu = nu / l, dO = tacc / l - mu * O; save
+lse = m + log l and mu. The two-pass form reuses a saved lse and O (p = exp(S - lse)).
+Backward through both outputs, cotangents G (of O) and Gt (of dO), either possibly absent:
+
+    D = rowsum(G * O)   Dt = rowsum(Gt * O)   E = rowsum(Gt * dO)   Delta = D + E - mu * Dt
+    B = Gt V^T          dSc = dS - mu
+    dP  = G V^T + Gt dV^T + B * dSc - dS * Dt
+    gS  = P * (dP - Delta)          gdS = P * (B - Dt)
+    gQ  = c (gS K + gdS dK)         gK  = c (gS^T Q + gdS^T dQ)
+    gdQ = c gdS K                   gdK = c gdS^T Q
+    gV  = P^T G + (P * dSc)^T Gt    gdV = P^T Gt
+
+With Gt = 0 this is the ordinary flash-attention backward (checked in float64 against
+torch.func.jvp plus autograd on naive attention, tests/test_attention_jvp.py).
 
 Public API
 ----------
@@ -45,8 +62,8 @@ same rule as torch matmuls.
 
 Credits: the structure (Function whose ``jvp`` calls a second differentiable Function, backward
 through both outputs) follows lumalabs/tvm ``jvp_utils``; the streaming forward+JVP follows the
-idea of amorehead/jvp_flash_attention and NVlabs/rcm. The code here is written from the formulas in
-KERNEL.md.
+idea of amorehead/jvp_flash_attention and NVlabs/rcm. The code here is written from the formulas
+above.
 """
 import contextlib
 import math
@@ -150,7 +167,7 @@ def attention_jvp_reference(q, k, v, dq, dk, dv, causal=False, scale=None, o=Non
 
 def attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal=False,
                                  scale=None):
-    """Closed-form gradients (gq, gk, gv, gdq, gdk, gdv) of <g, o> + <gt, do> (KERNEL.md).
+    """Closed-form gradients (gq, gk, gv, gdq, gdk, gdv) of <g, o> + <gt, do> (module docstring).
 
     ``g`` or ``gt`` may be None. With ``gt`` None this is the ordinary attention backward and the
     tangents may be None too; the last three results are then None.
@@ -317,7 +334,7 @@ if HAS_TRITON:
                         sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
                         H, N, DV, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """Row statistics: Delta = D + E - mu Dt and Dt (KERNEL.md), O(N d) work."""
+        """Row statistics: Delta = D + E - mu Dt and Dt (module docstring), O(N d) work."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -752,7 +769,7 @@ class _SDPATangent(torch.autograd.Function):
     """Two-pass tangent: given the primal's o and lse, (q, k, v, dq, dk, dv) -> (do, mu).
 
     o and lse are cached functions of (q, k, v), passed as constants: the backward returns the
-    total derivative of do with respect to the six real inputs (KERNEL.md with G = 0).
+    total derivative of do with respect to the six real inputs (the module docstring's backward with G = 0).
     """
 
     @staticmethod

@@ -15,7 +15,7 @@ What is timed (each row one (shape, method)); "ours" = kernels.attention_jvp:
 Columns: time (median of the reps on CUDA, best on CPU), peak memory above the inputs, time / flash forward of the same shape
 (ideal forward+JVP is about 3x), and time / the naive torch.func.jvp of the same mode.
 
-On CUDA the shapes are those of KERNEL.md (DiT-XL/2 at 256 px: 256 tokens, 16 heads, D 72;
+On CUDA the shapes are the targets of the kernel (DiT-XL/2 at 256 px: 256 tokens, 16 heads, D 72;
 long sequences 1k-16k), "ours" is the Triton kernel, memory is torch.cuda peak allocation.
 On CPU (no GPU here) "ours" is the closed-form reference (it materializes P), shapes are small,
 and memory is the peak size of the tensors allocated while the case runs once, tracked by a

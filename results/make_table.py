@@ -1,6 +1,8 @@
 """Regenerates the README's results table from results/<method>/<dataset>/summary.json, and
 pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt), the cost table
-(results/cost/cost.md) and the steps-to-best table (results/fsf_dmd/steps_to_best.md) into the README.
+(results/cost/cost.md), the steps-to-best table (results/fsf_dmd/steps_to_best.md), the memory
+table (results/memory/memory.md) and the kernel compile table (results/attention_jvp/compile.md)
+into the README.
 
     python results/make_table.py          # rewrite the table between the README markers
     python results/make_table.py --check  # exit 1 if the README table is stale (used by the tests)
@@ -16,6 +18,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH = os.path.join(ROOT, "results", "attention_jvp", "bench_cpu.txt")  # `python -m kernels.bench > ...`
 COST = os.path.join(ROOT, "results", "cost", "cost.md")  # results/cost/measure.sh, then table.py
 STEPS = os.path.join(ROOT, "results", "fsf_dmd", "steps_to_best.md")
+MEMORY = os.path.join(ROOT, "results", "memory", "memory.md")  # results/memory/measure.py (meta device)
+COMPILE = os.path.join(ROOT, "results", "attention_jvp", "compile.md")  # results/attention_jvp/compile.py
 # tables derived from logged runs by a script: regenerated here, so --check also catches a stale .md
 DERIVED = {COST: os.path.join(ROOT, "results", "cost", "table.py"), STEPS: os.path.join(ROOT, "results", "fsf_dmd", "steps_to_best.py")}
 
@@ -69,7 +73,8 @@ if __name__ == "__main__":
             stale.append(os.path.relpath(md, ROOT))
             if "--check" not in sys.argv:
                 open(md, "w").write(out)
-    for name, path, fence in [("bench", BENCH, True), ("cost", COST, False), ("steps", STEPS, False)]:  # pasted verbatim
+    pasted = [("bench", BENCH, True), ("cost", COST, False), ("steps", STEPS, False), ("memory", MEMORY, False), ("compile", COMPILE, False)]
+    for name, path, fence in pasted:  # pasted verbatim
         if os.path.exists(path) and f"<!-- {name}:start -->" in new:
             head, rest = new.split(f"<!-- {name}:start -->")
             _, tail = rest.split(f"<!-- {name}:end -->")
