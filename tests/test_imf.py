@@ -167,7 +167,9 @@ def test_dropped_labels_take_the_unguided_target(rows):
     assert abs(counts.mean() - n * 0.1) < 4 * (n * 0.1 * 0.9 / len(counts)) ** 0.5  # Bin(n, p)
     x_t, t, v = torch.randn(n, 2, dtype=torch.float64), torch.rand(n, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
     w = torch.full((n,), 4.0, dtype=torch.float64)
-    v_g, v_c = imf.guided_target(lambda x, t, s, y, c: exact(x, t, s, y, c), x_t, t, v, y2, w, 0 * w, 0 * w + 1, NULL)
+    # a model whose null-class output still depends on w: the tangent of a dropped row must be v_u (w = 1)
+    net = lambda x, t, s, y, c: exact(x, t, s, y, c) + 0.1 * (y == NULL)[:, None] * c[:, :1]
+    v_g, v_c = imf.guided_target(net, x_t, t, v, y2, w, 0 * w, 0 * w + 1, NULL)
     d = y2 == NULL
     assert d.any() and torch.equal(v_g[d], v[d]) and torch.allclose(v_c[d], G.velocity(x_t, t)[d])  # unguided target, v_u tangent
     assert torch.allclose(v_g[~d], v[~d] + 0.75 * (guided_v(x_t, t, y2, w) - G.velocity(x_t, t))[~d])
