@@ -70,3 +70,51 @@ def assert_resumes_exactly(script, method, flags, tmp_path, keys=("loss",)):
     ra, rb = rows(a), rows(b)  # b also logged its stop at step 3
     assert ra and all(rb[s][k] == r[k] for s, r in ra.items() for k in keys)
     return a / method / "gmm"
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory):
+    """(data root, vae folder, inception file), stand-ins for the real networks (nothing can be
+    downloaded here): 96 latents [4, 8, 8] of 3 classes (a class pattern plus noise), normalized by
+    mean 0.5 / std 2 per channel; a tiny randomly initialized diffusers AutoencoderKL (latents 8 px ->
+    images 16 px); a small TorchScript conv net with Inception's call ([N, 3, 299, 299] -> [N, 16])."""
+    import torch
+    import torch.nn as nn
+    from diffusers.models import AutoencoderKL
+
+    from common.data import write_shard
+
+    class Standin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=4),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x):
+            return 100 * self.net(x / 128 - 1)
+
+    d = tmp_path_factory.mktemp("scale")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16, layers_per_block=1).save_pretrained(d / "vae")
+    torch.jit.script(Standin().eval()).save(str(d / "incep.pt"))
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(96) % 3
+    z = 3 * torch.randn(3, 4, 8, 8, generator=g)[y] + 0.5 * torch.randn(96, 4, 8, 8, generator=g)
+    os.makedirs(d / "data")
+    write_shard(str(d / "data" / "s0.safetensors"), z, y, [0.5] * 4, [2.0] * 4)
+    return str(d / "data"), str(d / "vae"), str(d / "incep.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_teacher(tmp_path_factory):
+    """A small untrained DiT for the tiny latent set (4x8x8, 3 classes), saved as an fm checkpoint."""
+    import torch
+
+    from common.dit import DiT, save
+
+    path = tmp_path_factory.mktemp("latent_teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save(DiT(8, 2, 4, 32, 2, 2, 4.0, 3), str(path), dataset="imagenet-latent", method="fm")
+    return path

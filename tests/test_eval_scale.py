@@ -21,34 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-class Standin(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=4),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return 100 * self.net(x / 128 - 1)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(data root, vae folder, inception file): 96 latents [4, 8, 8] of 3 classes (a class pattern
-    plus noise), normalized by mean 0.5 / std 2 per channel; VAE latents 8 px -> images 16 px."""
-    from diffusers.models import AutoencoderKL
-
-    d = tmp_path_factory.mktemp("scale")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16, layers_per_block=1).save_pretrained(d / "vae")
-    torch.jit.script(Standin().eval()).save(str(d / "incep.pt"))
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(96) % 3
-    z = 3 * torch.randn(3, 4, 8, 8, generator=g)[y] + 0.5 * torch.randn(96, 4, 8, 8, generator=g)
-    os.makedirs(d / "data")
-    write_shard(str(d / "data" / "s0.safetensors"), z, y, [0.5] * 4, [2.0] * 4)
-    return str(d / "data"), str(d / "vae"), str(d / "incep.pt")
+def setup(tiny_latents):
+    return tiny_latents
 
 
 def data_sampler(loader):

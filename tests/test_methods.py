@@ -62,6 +62,19 @@ def test_resume_continues_exactly(method, tmp_path, tiny_teacher):
     assert_resumes_exactly(script(method), method, flags, tmp_path)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_imagenet_latent_logs_an_fid(method, tmp_path, tiny_latents, tiny_latent_teacher):
+    """Every method on a tiny imagenet-latent set, end to end: VAE decode (a tiny random
+    AutoencoderKL), Inception features (a TorchScript stand-in), Frechet distance."""
+    root, vae, incep = tiny_latents
+    teacher = ["--teacher", tiny_latent_teacher] if teacher_flags(method, "mnist", "x") else []
+    run_method(script(method), *TINY, *FAST.get(method, []), "--hidden", 32, "--depth", 2, "--heads", 2, "--patch-size", 2,
+               "--batch-size", 8, "--steps", 2, "--eval-every", 2, "--eval-samples", 32, "--eval-steps", 1, "--dataset", "imagenet-latent",
+               "--data-root", root, "--vae", vae, "--inception", incep, *teacher, "--out-dir", tmp_path)
+    summary = json.loads((tmp_path / method / "imagenet-latent" / "summary.json").read_text())
+    assert summary["final"]["fid@1"] > 0 and (tmp_path / method / "imagenet-latent" / "samples.png").exists()
+
+
 def torchrun(*args):
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([exe, "--nproc_per_node", "2", *map(str, args)], capture_output=True, text=True, timeout=600,
