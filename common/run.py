@@ -126,8 +126,8 @@ def load_checkpoint(path, method, args, config):
 
     try:
         state = load_state(path)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-        raise SystemExit(f"--resume {path}: not a readable training checkpoint ({str(err).splitlines()[0][:200]})") from None
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise SystemExit(f"--resume {path}: not a readable training checkpoint ({(str(err).splitlines() or [''])[0][:200]})") from None
     old = json.load(open(os.path.join(os.path.dirname(path), "args.json"))) if os.path.isfile(os.path.join(os.path.dirname(path), "args.json")) else {}
     was = state.get("method", old.get("exp_name")), state.get("dataset", old.get("dataset"))
     if was[0] not in (None, method) or was[1] not in (None, args.dataset):

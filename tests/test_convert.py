@@ -248,7 +248,11 @@ def test_shards_check_at_conversion(tiny_set, tmp_path):
     assert proc.returncode == 0 and "agree" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("method", ["dmd2", "fsf_dmd", "mfd"])
+DISTILL = sorted(os.path.basename(p)[:-3] for p in __import__("glob").glob(os.path.join(ROOT, "methods", "*.py"))
+                 if "    teacher: str" in open(p).read())  # every distillation file
+
+
+@pytest.mark.parametrize("method", DISTILL)
 def test_converted_teacher_drives_distillation(tiny_set, tmp_path, method):
     run_method(os.path.join(ROOT, "methods", f"{method}.py"), "--dataset", "imagenet-latent", "--data-root", tiny_set / "shards",
                "--teacher", tiny_set / "teacher.safetensors", "--steps", 2, "--batch-size", 4, "--log-every", 1,

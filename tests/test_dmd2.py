@@ -155,3 +155,7 @@ def test_bad_teachers(tmp_path):
         assert f"--teacher" in str(err.value) and needle in str(err.value), str(err.value)
     with pytest.raises(SystemExit, match="--teacher oracle"):
         load_teacher("oracle", "moons", make_loader("moons", 8).info)
+    student = tmp_path / "student.safetensors"  # a distilled generator is not a flow-matching teacher
+    save(MLP(2, 16, 1, 6), str(student), dataset="gmm", method="dmd2")
+    with pytest.raises(SystemExit, match="a dmd2 checkpoint; expected a flow-matching teacher"):
+        load_teacher(str(student), "gmm", loader.info, "cpu", loader.gmm)

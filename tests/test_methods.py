@@ -1,7 +1,8 @@
 """Every method file as a user runs it, parametrized over methods/*.py so a new file is covered
-the day it lands: smoke runs (gmm fp32, mnist bf16 with gradient accumulation), exact resume,
-torchrun with 2 processes (gradients equal to one process with 2 micro-batches, across a resume),
-a copied file, and the boilerplate blocks kept identical. Bad input and run-folder safety are
+the day it lands: a gmm run resumed exactly (also the smoke run), imagenet-latent in bf16 with 2
+micro-batches and an FID through a VAE (stand-ins), torchrun with 2 processes on mnist (gradients
+equal to one process with 2 micro-batches, across a resume), a copied file, and the boilerplate
+blocks kept identical. Bad input and run-folder safety are
 tested on one file each (the code is shared)."""
 import glob
 import json
@@ -36,43 +37,32 @@ def teacher_flags(m, dataset, tiny_teacher):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_smoke_gmm(method, tmp_path, tiny_teacher):
-    run_method(script(method), *TINY, *FAST.get(method, []), *teacher_flags(method, "gmm", tiny_teacher), "--out-dir", tmp_path)
-    run = tmp_path / method / "gmm"
+def test_resume_continues_exactly(method, tmp_path, tiny_teacher):
+    """Also the gmm smoke run: 6 steps straight, then 3 + 3 with --resume, bit-identical."""
+    flags = [*TINY, *FAST.get(method, []), *teacher_flags(method, "gmm", tiny_teacher), "--dataset", "gmm", "--dropout", 0.1, "--eval-every", 100]
+    run = assert_resumes_exactly(script(method), method, flags, tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    assert summary["steps"] == 4 and summary["fpe"] > 0 and summary["seed"] == 0
-    assert all(k in summary["final"] for k in ["fm_err@1", "sec_per_step"]) and any("fm_err@1" in r for r in rows)
-    assert len([r for r in rows if "fm_err@1" in r]) == 1  # one evaluation, written once
+    assert summary["steps"] == 6 and summary["fpe"] > 0 and summary["seed"] == 0
+    assert all(k in summary["final"] for k in ["fm_err@1", "sec_per_step"]) and len([r for r in rows if "fm_err@1" in r]) == 1
     assert (run / "samples.png").stat().st_size > 1000 and (run / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_smoke_mnist_bf16_accum(method, tmp_path, tiny_teacher):
-    run_method(script(method), *TINY, *TINY_IMG, *FAST.get(method, []), "--batch-size", 8, "--grad-accum", 2, "--precision", "bf16",
-               "--dataset", "mnist", *teacher_flags(method, "mnist", tiny_teacher), "--out-dir", tmp_path)
-    summary = json.loads((tmp_path / method / "mnist" / "summary.json").read_text())
-    assert summary["hardware"]["precision"] == "bf16" and "fid@1" in summary["final"]
-    assert all(torch.isfinite(v).all() for v in read_all(tmp_path / method / "mnist" / "ckpt.safetensors").values() if v.is_floating_point())
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_continues_exactly(method, tmp_path, tiny_teacher):
-    flags = [*TINY, *FAST.get(method, []), *teacher_flags(method, "gmm", tiny_teacher), "--dataset", "gmm", "--dropout", 0.1, "--eval-every", 100]
-    assert_resumes_exactly(script(method), method, flags, tmp_path)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_imagenet_latent_logs_an_fid(method, tmp_path, tiny_latents, tiny_latent_teacher):
-    """Every method on a tiny imagenet-latent set, end to end: VAE decode (a tiny random
-    AutoencoderKL), Inception features (a TorchScript stand-in), Frechet distance."""
+def test_imagenet_latent_bf16_accum_logs_an_fid(method, tmp_path, tiny_latents, tiny_latent_teacher):
+    """Every method on a tiny imagenet-latent set, end to end, in bf16 (CPU autocast) with 2
+    micro-batches: VAE decode (a tiny random AutoencoderKL), Inception features (a TorchScript
+    stand-in), Frechet distance."""
     root, vae, incep = tiny_latents
     teacher = ["--teacher", tiny_latent_teacher] if teacher_flags(method, "mnist", "x") else []
     run_method(script(method), *TINY, *FAST.get(method, []), "--hidden", 32, "--depth", 2, "--heads", 2, "--patch-size", 2,
                "--batch-size", 8, "--steps", 2, "--eval-every", 2, "--eval-samples", 32, "--eval-steps", 1, "--dataset", "imagenet-latent",
-               "--data-root", root, "--vae", vae, "--inception", incep, *teacher, "--out-dir", tmp_path)
+               "--data-root", root, "--vae", vae, "--inception", incep, *teacher, "--precision", "bf16", "--grad-accum", 2,
+               "--out-dir", tmp_path)
     summary = json.loads((tmp_path / method / "imagenet-latent" / "summary.json").read_text())
     assert summary["final"]["fid@1"] > 0 and (tmp_path / method / "imagenet-latent" / "samples.png").exists()
+    assert summary["hardware"]["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in read_all(tmp_path / method / "imagenet-latent" / "ckpt.safetensors").values() if v.is_floating_point())
 
 
 def torchrun(*args):
@@ -233,7 +223,8 @@ def test_final_checkpoint_survives_a_failing_evaluation(tmp_path):
                      f"sys.argv = [{script('fm')!r}] + sys.argv[1:]\n"
                      f"runpy.run_path({script('fm')!r}, run_name='__main__')\n")
     proc = run_method(str(probe), *TINY, "--steps", 3, "--ckpt-every", 100, "--out-dir", tmp_path, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "No space left" in proc.stderr.splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr  # (the progress bar prints its last state after the line)
+    assert any("cannot write" in line and "No space left" in line for line in proc.stderr.splitlines())
     from common.dit import load_state
     assert load_state(tmp_path / "fm" / "gmm" / "ckpt.safetensors")["step"] == 3
 
@@ -251,7 +242,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path):
                      f"sys.argv = [{script('fm')!r}] + sys.argv[1:]\n"
                      f"runpy.run_path({script('fm')!r}, run_name='__main__')\n")
     proc = run_method(str(probe), *TINY, "--steps", 4, "--ckpt-every", 2, "--out-dir", tmp_path, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "No space left" in proc.stderr.splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert any("cannot write" in line and "No space left" in line for line in proc.stderr.splitlines())
     run = tmp_path / "fm" / "gmm"
     from common.dit import load_state
     assert load_state(run / "ckpt.safetensors")["step"] == 2 and not list(run.glob("*.tmp*"))
