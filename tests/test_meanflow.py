@@ -37,10 +37,10 @@ def test_residual_vanishes_at_the_exact_solution(conditional):
     x, y, e, t, s, x_t = batch(600, 0, conditional=conditional)
     v_star = G.velocity(x_t, t, y)  # the marginal velocity in place of e - x: no sampling noise
     m = 300
-    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, m)
+    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, m, 0.0)
     res = (u - u_tgt).pow(2).sum(1)
     assert res[m:].max() < 1e-6 and res[:m].max() < 1e-12  # ODE error only
-    u, u_tgt = mf.mean_velocity_and_target(perturbed, x_t, t, s, y, v_star, m)
+    u, u_tgt = mf.mean_velocity_and_target(perturbed, x_t, t, s, y, v_star, m, 0.0)
     res_p = (u - u_tgt).pow(2).sum(1)
     assert res_p[m:].mean() > 1e-4 and res_p[:m].mean() > 1e-4
 
@@ -49,7 +49,7 @@ def test_jvp_target_is_the_total_time_derivative():
     # du/dt along the flow, by finite differences of the exact map: (u(x_{t+d}, t+d) - u(x_{t-d}, t-d)) / 2d
     x, y, e, t, s, x_t = batch(50, 1, ratio=1.0)
     v_star = G.velocity(x_t, t, y)
-    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, 0)
+    u, u_tgt = mf.mean_velocity_and_target(exact, x_t, t, s, y, v_star, 0, 0.0)
     d = 1e-4
     t = t.clamp(max=1 - 2 * d)
     up = exact(G.flow_map(x_t, t, t + d, y), t + d, s, y)
