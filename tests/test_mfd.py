@@ -18,7 +18,7 @@ G = default_gmm()
 NULL = G.num_classes
 SCRIPT = os.path.join(ROOT, "methods", "mfd.py")
 TINY = ["--steps", 4, "--batch-size", 32, "--log-every", 2, "--eval-every", 4, "--eval-samples", 200, "--ckpt-every", 2,
-        "--hidden", 32, "--depth", 2, "--ratio", 2]
+        "--hidden", 32, "--depth", 2, "--aux-ratio", 2]
 
 
 def oracle(gmm):
@@ -156,7 +156,7 @@ def test_smoke_checkpoint_teachers_and_vsd_limit(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("ode_step", 0.0, "--ode-step 0.0"), ("ode_step", -0.1, "--ode-step -0.1"), ("ratio", 0, "--ratio 0"),
+    ("ode_step", 0.0, "--ode-step 0.0"), ("ode_step", -0.1, "--ode-step -0.1"), ("aux_ratio", 0, "--aux-ratio 0"),
     ("gen_steps", 0, "--gen-steps 0"), ("time_dist", "normal", "--time-dist normal")])
 def test_bad_method_flags(field, value, needle):
     with pytest.raises(SystemExit, match=needle):
