@@ -25,6 +25,35 @@ def run_method(script, *args, cwd=None, check=True):
     return proc
 
 
+def run_inline(script, *args):
+    """A method file started with bad input, run in this process (no interpreter and torch start-up
+    per case): returns what `run_method(..., check=False)` would, the exit code and the text the
+    file printed. The file must stop at start-up; an exception other than SystemExit comes back as a
+    traceback in `stderr`, as it would from a subprocess."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv = sys.argv
+    sys.argv = [str(script), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = 1 if isinstance(e.code, str) else (e.code or 0)
+            except BaseException:  # noqa: BLE001 - reported as a subprocess would
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A small untrained mnist DiT saved as an fm checkpoint: a teacher for smoke runs."""

@@ -1,6 +1,6 @@
 """Align Your Flow: the EMD and LMD directions at the exact flow map of the gmm mixture (zero at
 r = 1, a bias of order 1 - r below), the u- vs f-space gradients, dropout masks shared between the
-JVP and the grad forward, the deterministic and gamma samplers, smoke / resume runs, bad input."""
+JVP and the grad forward, the deterministic and gamma samplers, smoke runs, bad input (resume: tests/test_methods.py)."""
 import dataclasses
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 from common.data import default_gmm
 from common.dit import MLP, save
 from common.eval import energy_distance
-from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
+from conftest import ROOT, load_method, read_all, run_inline, run_method
 from test_methods import TINY, TINY_IMG
 
 ayf = load_method("ayf")
@@ -111,17 +111,12 @@ def test_smoke_mnist_lmd_and_gamma(tiny_teacher, tmp_path):
     check_run(tmp_path / "lmd" / "ayf" / "gmm", "fm_err@1")
 
 
-def test_resume_continues_exactly(tmp_path):
-    flags = [*TINY, "--teacher", "oracle", "--dropout", 0.1, "--eval-every", 100, "--teacher-cfg", 1.5, "--tangent-warmup", 4]
-    check_run(assert_resumes_exactly(SCRIPT, "ayf", flags, tmp_path, keys=("loss", "g_norm", "r")), "fm_err@1")
-
-
 def test_bad_teacher_gets_one_line(tiny_teacher, tmp_path):
     other_shape = tmp_path / "gmm3d.safetensors"
     save(MLP(3, 16, 1, NULL), str(other_shape), dataset="gmm")
     for flags, needle in [(["--teacher", tiny_teacher], "not on --dataset gmm"), (["--teacher", other_shape], "expected (2,)"),
                           (["--teacher", tmp_path / "missing.safetensors"], "--teacher"), (["--objective", "cm"], "--objective cm")]:
-        proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
+        proc = run_inline(SCRIPT, *flags, "--out-dir", tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
 

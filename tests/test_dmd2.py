@@ -11,7 +11,7 @@ import torch
 from common.data import GMM, make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
-from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
+from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_inline, run_method
 from test_methods import TINY, TINY_IMG
 
 dmd2 = load_method("dmd2")
@@ -129,7 +129,7 @@ def test_dm_time_is_the_official_karras_index():
 
 def test_bad_input_gets_one_line(tmp_path):
     for flags, needle in [(["--ttur", 0], "--ttur 0"), (["--teacher", tmp_path / "missing.safetensors"], "no such file")]:
-        proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
+        proc = run_inline(SCRIPT, *flags, "--out-dir", tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
 

@@ -14,7 +14,7 @@ import torch
 from common.data import GMM
 from common.dit import MLP
 from common.eval import energy_distance
-from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_method
+from conftest import ROOT, load_method, read_all, run_inline, run_method
 from test_methods import TINY, TINY_IMG
 
 fsf = load_method("fsf_dmd")
@@ -195,7 +195,7 @@ def test_smoke_mnist_and_self_teacher(tiny_teacher, tmp_path):
 
 def test_bad_input_gets_one_line(tmp_path):
     for flags, needle in [(["--sim-steps", 0], "--sim-steps 0"), (["--teacher", tmp_path / "missing.safetensors"], "no such file")]:
-        proc = run_method(SCRIPT, *flags, "--out-dir", tmp_path, check=False)
+        proc = run_inline(SCRIPT, *flags, "--out-dir", tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
 

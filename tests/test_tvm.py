@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.data import default_gmm
-from conftest import ROOT, load_method, read_all, run_method
+from conftest import ROOT, load_method, read_all, run_inline, run_method
 
 tvm = load_method("tvm")
 G = default_gmm()
@@ -232,7 +232,7 @@ def test_guidance_scale_and_sampler_inputs():
     (["--norm", "batch"], "--norm batch"),
 ])
 def test_bad_input_gets_one_line(flags, needle, tmp_path):
-    proc = run_method(os.path.join(ROOT, "methods", "tvm.py"), *flags, "--out-dir", tmp_path, check=False)
+    proc = run_inline(os.path.join(ROOT, "methods", "tvm.py"), *flags, "--out-dir", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
 
