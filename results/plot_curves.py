@@ -5,7 +5,7 @@
 One panel per number of sampling steps (1, 2, 4): the metric of every run that logged it, against
 training steps (the x-axis is each file's own --steps count: dmd2 updates its generator once in
 `ttur` steps, mfd runs `ratio` auxiliary updates per step). The runs trained from data (fm, the
-teacher, with Euler sampling; meanflow) are drawn as horizontal lines at their final quality, and
+teacher, with Euler sampling; meanflow, imf, alphaflow, tvm, shortcut) are drawn as horizontal lines at their final quality, and
 so is the teacher's 50-step quality.
 """
 import argparse
@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FROM_DATA = ("fm", "meanflow", "imf", "alphaflow", "tvm", "shortcut")  # drawn as lines; the distilled runs as curves
 
 
 def curves(dataset, metric):
@@ -44,9 +45,9 @@ if __name__ == "__main__":
             pts = by_k[k]
             if not pts:
                 continue
-            color = f"C{i}"
+            color = plt.get_cmap("tab20")(i % 20)
             last = pts[-1][1]
-            if method in ("fm", "meanflow"):  # trained from data: their final quality is the reference
+            if method in FROM_DATA:  # trained from data: their final quality is the reference
                 ax.axhline(last, color=color, ls="--", lw=1, label=f"{method}{' teacher, Euler' if method == 'fm' else ''} (final): {last:.3g}")
             else:
                 ax.plot(*zip(*pts), "o-", color=color, ms=3, label=f"{method}: best {min(v for _, v in pts):.3g}")
