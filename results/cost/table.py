@@ -1,8 +1,10 @@
 """Prints the cost table (markdown) from the summaries written by results/cost/measure.sh, next to
 an estimate by the rules of Dieleman's table (seed 002: forward 1, backward 2, forward + JVP 2,
-backward through forward + JVP 4; no-grad passes count as forwards)."""
+backward through forward + JVP 4; no-grad passes count as forwards, a no-grad JVP 2; a pass on a fraction
+of the batch counts by that fraction). A row appears once measure.sh has run its config."""
 import glob
 import json
+import math
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,7 +28,65 @@ def estimate(method, a):
         n = max(1, round(1 / a["ode_step"])) if a["ode_step"] < 1 else 1
         ek = (n + 1) * (2 * n + 1) / (6 * n)  # E[ceil(|t - r| / h)] for uniform t, r and h = 1 / n
         return 4 * a["ratio"] + 3 + 2 * ek, f"4 x {a['ratio']} aux + 3 + 2 x E[K] {ek:.2f}"
+    if method == "imf":  # target v_c, v_u: one no-grad fwd on a doubled batch; no-grad JVP on s != t rows; fwd/bwd 3
+        # (--v-head adds only a second final layer on the same trunk: no extra pass)
+        tgt = 2 if cond(a) else 1  # unconditional data: v_c only
+        j = 1.0 if a.get("dropout", 0) > 0 else round(a["ratio"] * mb(a)) / mb(a)  # dropout: the JVP on every row
+        return 3 + tgt + 2 * j, f"3 + target {tgt} fwd + no-grad JVP 2 x {j:g} (Dieleman: 5)"
+    if method == "alphaflow":  # per step: fwd/bwd 3 + guidance fwds + (0 < a < 1) Euler-step fwd or (a = 0) JVP, s != t rows
+        r = round(a["ratio"] * mb(a)) / mb(a)
+        j = 1.0 if a.get("dropout", 0) > 0 else r
+        g = 0 if not cond(a) or (a["cfg_omega"] == 1 and a["cfg_kappa"] == 0) else 1 if a["cfg_kappa"] == 0 else 2
+        cost = lambda al: 3 + g + (r if 0 < al < 1 else 0) + (2 * j if al == 0 else 0)
+        al = [alpha(k, a) for k in range(a["steps"])]
+        e = sorted(cost(x) for x in al)[len(al) // 2]  # the median step, as the measured s/step
+        k1 = next(k for k in range(a["alpha_k_end"] + 2) if alpha(k, a) < 1)
+        k0 = next(k for k in range(a["alpha_k_end"] + 2) if alpha(k, a) == 0)
+        run = f"a = {al[0]:g} on all {len(al)} steps" if min(al) == max(al) else f"a {max(al):g} -> {min(al):g} over {len(al)} steps"
+        return e, (f"{run}; a = 1 (FM, steps < {k1}) {cost(1):g}, Euler "
+                   f"step (+{r:g} fwd) {cost(0.5):g}, a = 0 (+ JVP 2 x {j:g}, steps >= {k0}) {cost(0):g}"
+                   + (f"; guidance +{g}" if g else "") + " (not in Dieleman's table; MF there: 4)")
+    if method == "tvm":  # fwd+JVP with grad 2 + bwd through both 4; FM fwd/bwd 3 on its own rows; target EMA fwd at f
+        g = 1 if cond(a) and (a["cfg_w"] != 1 or a.get("cfg_w_range")) else 0  # target EMA on a doubled batch
+        return 10 + g, "JVP fwd 2 + bwd 4 + FM 3 + target EMA 1" + (" + 1 guidance" if g else "") + " (Dieleman: 10)"
+    if method == "shortcut":  # fwd/bwd 3 + two no-grad EMA half-steps on the bootstrap rows (+ guided rows doubled)
+        n = mb(a)
+        nb = n // a["bootstrap_every"]
+        nc = nb // int(math.log2(a["denoise_timesteps"])) if cond(a) and a["bootstrap_cfg"] != 1 else 0
+        return 3 + 2 * (nb + nc) / n, f"3 + 2 EMA fwd x {nb}/{n} rows" + (f" + 2 x {nc}/{n} guided" if nc else "") + " (Dieleman: 8)"
+    if method == "splitmeanflow":  # fwd/bwd 3 + teacher on boundary rows + two no-grad fwds on split rows
+        p = round(a["boundary_p"] * mb(a)) / mb(a)
+        tg = 2 if a["teacher_cfg"] != 1 else 1
+        return 3 + tg * p + 2 * (1 - p), f"3 + teacher {tg} x {p:g} + 2 fwd x {1 - p:g} (Dieleman: 9)"
+    if method == "ayf":  # teacher fwd + no-grad JVP 2 + fwd/bwd 3, every row (the JVP ignores ratio); LMD: teacher at f
+        tg = 2 if a["teacher_cfg"] != 1 else 1
+        return 5 + tg, f"teacher {tg} + no-grad JVP 2 + 3, all rows, {a['objective']} (AYF-EMD / LMD in Dieleman's table: 6)"
+    if method == "freeflow":  # no-grad dF/dd on every row (JVP 2 or two FD fwds); fwd/bwd 3; teacher on pred rows;
+        n = mb(a)  # correction rows: aux fwd 1 + teacher + aux fwd/bwd 3
+        p = min(max(round(a["pred_frac"] * n), 1), n - 1) / n
+        tg = 2 if a["teacher_cfg"] != 1 else 1
+        return 5 + tg * p + (4 + tg) * (1 - p), (f"{a['deriv']} 2 (all rows) + 3 + teacher {tg} x {p:g} + (aux 1 + teacher {tg} "
+                                                 f"+ aux fwd/bwd 3) x {1 - p:g} (Dieleman: 12)")
     return None, "—"
+
+
+def cond(a):
+    """Class-conditional data (the guidance forwards and null labels exist)."""
+    return a["dataset"] not in ("checkerboard", "moons", "spirals", "8gaussians")
+
+
+def mb(a):
+    """Rows of one micro-batch on one process (what the row fractions are rounded on)."""
+    return a["batch_size"] // a.get("grad_accum", 1)
+
+
+def alpha(k, a):
+    """alpha-Flow's a at step k (methods/alphaflow.py alpha_schedule)."""
+    k0, k1 = a["alpha_k_init"], a["alpha_k_end"]
+    if k < k0 or k > k1:
+        return 1.0 if k < k0 else 0.0
+    x = 1 - 1 / (1 + math.exp(-a["alpha_gamma"] * (k - (k0 + k1) / 2) / (k1 - k0)))
+    return 0.0 if x < a["alpha_snap"] else 1.0 if x > 1 - a["alpha_snap"] else x
 
 
 def passes(name):
