@@ -40,7 +40,7 @@ MFD="--dataset mnist --batch-size 64 --steps ${MFD_STEPS:-20} --log-every 10 --e
 if want mfd-step0.05; then python methods/mfd.py $MFD --ode-step 0.05 --out-dir $OUT/mfd-step0.05; fi
 if want mfd-vsd; then python methods/mfd.py $MFD --ode-step 1 --out-dir $OUT/mfd-vsd; fi
 if want imf; then python methods/imf.py $NET --out-dir $OUT/imf; fi
-if want alphaflow; then python methods/alphaflow.py $NET --alpha-k-init 0 --alpha-k-end 1 --out-dir $OUT/alphaflow-a0; fi
+if want alphaflow-a0; then python methods/alphaflow.py $NET --alpha-k-init 0 --alpha-k-end 1 --out-dir $OUT/alphaflow-a0; fi
 if want tvm; then python methods/tvm.py $NET --out-dir $OUT/tvm; fi
 if want shortcut; then python methods/shortcut.py $NET --out-dir $OUT/shortcut; fi
 if want splitmeanflow; then python methods/splitmeanflow.py $NET --out-dir $OUT/splitmeanflow; fi
