@@ -114,3 +114,18 @@ print(f"\nCPU ({hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}), batch
       "on the same quiet machine: their spread is the noise of these figures. One training step is the "
       "file's own --steps unit: a DMD2 step updates the generator once in `ttur`, an MFD step is `ratio` "
       "auxiliary updates and one student update. No GPU.")
+
+# The mnist reference runs (results/<method>/mnist): the same estimate for their own arguments against
+# the FPE each run logged over its whole length, one thread per run.
+refs = sorted(glob.glob(os.path.join(HERE, "..", "*", "mnist", "summary.json")))
+if refs:
+    print("\n| reference run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
+    print("|---|---|---|---|---|---|")
+    for path in refs:
+        s = json.load(open(path))
+        est, how = estimate(s["method"], json.load(open(os.path.join(os.path.dirname(path), "args.json"))))
+        print(f"| {s['method']} | {'—' if est is None else f'{est:.3g}'} | {how} | {s['sec_per_step']:.3f} | "
+              f"{s['fwd_time_s']:.4f} | {s['fpe']:.2f} |")
+    print("\nThe mnist reference runs of the results table (batch 64, the mnist DiT), one thread each, other runs "
+          "sharing the 2 cores (one to several): s/step is the median over the whole run, the forward time the median of "
+          "10 at start-up. Not a quiet machine: read the ratios.")
