@@ -6,6 +6,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `pytest -n 2` on 2 cores: one torch thread per worker (two threads each would oversubscribe the
+# cores and burn CPU time spin-waiting); the method files started by the tests get one thread too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def load_method(name):

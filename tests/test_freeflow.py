@@ -49,10 +49,12 @@ def test_correction_pulls_a_shifted_student_back():
     for a0 in ([0.3, -0.2], [-0.25, 0.0]):
         a = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
         moved = Mixture(GMM.means + a.detach(), GMM.sigmas, GMM.weights)
-        student = lambda z, t, s, y: wrong(z, t, s, y) - (s == 0).double()[:, None] * a
+        # a 20-step ODE for the exact map and 1000 rows: the gradient agrees with 100 steps and 4000 rows to 2%
+        student = lambda z, t, s, y: (GMM.avg_velocity(z, t, s, y, steps=20) + 0.1 * torch.sin(z) * (t - s)[:, None]
+                                      - (s == 0).double()[:, None] * a)
         grads = []
         for seed in range(3):
-            loss, terms, x0, _ = run_loss(student, lambda x, t, s, y: moved.velocity(x, t, y), seed=seed, n=4000)
+            loss, terms, x0, _ = run_loss(student, lambda x, t, s, y: moved.velocity(x, t, y), seed=seed, n=1000)
             assert terms["lambda"] > 0.01 and terms["dn_norm"] > 0.01
             grads.append(torch.autograd.grad(loss, a)[0])
         g = torch.stack(grads)

@@ -134,7 +134,7 @@ def test_loss_gradient_vanishes_in_expectation_at_the_exact_solution():
     theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     net = lambda x, t, s, y, c: exact(x, t.double(), s.double(), y, c.double(), steps=6) + theta * torch.sin(2 * x) * (1 + t[:, None])
 
-    def grads(value, reps=6, n=4000):
+    def grads(value, reps=4, n=1000):  # seeded; margins at these sizes: see the asserts
         out = []
         for r in range(reps):
             theta.data.fill_(value)

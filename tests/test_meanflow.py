@@ -65,7 +65,7 @@ def test_loss_gradient_vanishes_in_expectation_at_the_exact_solution():
     theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     net = lambda x_t, t, s, y: exact(x_t, t.double(), s.double(), y, steps=20) + theta * torch.sin(2 * x_t) * (1 + t[:, None])
 
-    def grads(value, reps=6, n=4000):
+    def grads(value, reps=4, n=1000):  # seeded; margins at these sizes: see the asserts
         out = []
         for r in range(reps):
             theta.data.fill_(value)
