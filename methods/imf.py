@@ -234,7 +234,7 @@ def velocity(net, x_t, t, y, c):
 def guided_target(net, x_t, t, v, y, w, t_min, t_max, null):
     """The target v_g = v + (1 - 1/w_eff)(v_c - v_u) (v on dropped-label rows) and the x-tangent v_c, the model's
     guided velocity at w_eff, h = 0, interval [0, 1] (v_u on dropped-label rows); w_eff = w inside [t_min, t_max],
-    else 1. Current weights in eval mode (as the official guidance_fn)."""
+    else 1. Current weights, in eval mode (the official net has no dropout, so the mode changes nothing there)."""
     was_training = getattr(net, "training", False)  # net may be a plain callable (tests: the oracle)
     if was_training:
         net.eval()

@@ -32,7 +32,8 @@ counts every term on the full batch).
 
 Run:        python methods/splitmeanflow.py --eval-steps 1 2 4 8   (gmm, teacher results/fm/gmm/model.safetensors)
             python methods/splitmeanflow.py --teacher oracle         (gmm, exact teacher, student from scratch)
-            python methods/splitmeanflow.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-steps 1 2 4 8
+            python methods/splitmeanflow.py --dataset mnist --steps 5000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-steps 1 2 4 8
+                (the reference run: meanflow's step and batch budget, on top of the teacher's 5000 steps)
 Reference:  results/splitmeanflow/<dataset>/ (teacher: the fm reference run of the same data set)
 """
 import copy

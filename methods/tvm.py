@@ -25,7 +25,7 @@ for the FM term, x_t and x_s' share one image and one noise. Guidance is an inpu
 the network's extra scalar condition c (dit.py:469-474); dropped labels (10%) get the null class
 AND beta = 1 (loss.py:83-86). w is fixed per run in the released configs (--cfg-w), or
 w ~ U(lo, hi) per row (--cfg-w-range; the official third option beta ~ U(0, 1) is not exposed).
---scale-param: u = w F with F the network output (wrapper.py:108-113, on in the 256 px configs).
+--scale-param: u = w F with F the network output (wrapper.py:108-113; on in the 256 px configs and im512_w2p25).
 Sampler (generate_images.py): x <- x - (t_k - t_{k+1}) u(x, t_k, t_{k+1}, y, 1/w) with the
 sampling EMA and the training w (the official samples in float64; here in the net's dtype).
 
@@ -176,7 +176,7 @@ class Args:
     cfg_w_range: Optional[tuple[float, float]] = None
     """draw w ~ U(lo, hi) per row in training instead (official min_cfg/max_cfg); sampling uses --cfg-w"""
     scale_param: bool = False
-    """u = w * F with F the network output (official do_scale_param, on in the 256 px configs)"""
+    """u = w * F with F the network output (official do_scale_param: on in the 256 px configs and im512_w2p25)"""
     ema_target_decay: float = 0.99
     """decay of the target EMA that gives the terminal velocity and the unconditional velocity (official ema_target_beta)"""
     norm: str = "rms"
