@@ -1,4 +1,5 @@
-"""Regenerates the README's results table from results/<method>/<dataset>/summary.json, and
+"""Regenerates the README's results table from results/<method>/<dataset>/summary.json (and the
+table of other samplers and guidance scales from the runs' final metrics.jsonl rows), and
 pastes the attention benchmark's printout (results/attention_jvp/bench_cpu.txt), the cost table
 (results/cost/cost.md), the steps-to-best table (results/fsf_dmd/steps_to_best.md), the memory
 table (results/memory/memory.md) and the kernel compile table (results/attention_jvp/compile.md)
@@ -60,6 +61,33 @@ def table():
     return "\n".join(rows)
 
 
+def scale_first(name):
+    """Sort key of a sampler suffix: guidance scales (w2, w4) by value, then named samplers."""
+    w = name[1:] if name[:1] == "w" else ""
+    return (0, float(w), "") if w.replace(".", "", 1).isdigit() else (1, 0.0, name)
+
+
+def samplers_table():
+    """The other samplers and sampling guidance scales of a run (logged as metric@k_<name>, e.g. imf's
+    --sample-cfg scales `_w2`, alpha-Flow's `_consistency`), at the run's final step."""
+    rows = ["| method | data | train steps | sampler | metric | 1 step | 2 steps | 4 steps | more steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "*", "*", "summary.json"))):
+        s = json.load(open(path))
+        mpath = os.path.join(os.path.dirname(path), "metrics.jsonl")
+        last = {}
+        for r in (json.loads(line) for line in open(mpath)) if os.path.exists(mpath) else ():
+            if r.get("step") == s["steps"]:
+                last.update({k: v for k, v in r.items() if "@" in k and "_" in k.split("@")[1]})
+        for name in sorted({k.split("_", 2)[-1] for k in last}, key=scale_first):
+            names = [m for m in ("fid", "ed", "fm_err") if f"{m}@1_{name}" in last]
+            cell = lambda k: " / ".join(fmt(last.get(f"{m}@{k}_{name}")) for m in names)
+            more = sorted(int(k.split("@")[1].split("_")[0]) for k in last if k.startswith(names[0] + "@") and k.endswith("_" + name))
+            label = f"guidance w = {name[1:]}" if scale_first(name)[0] == 0 else name
+            rows.append("| " + " | ".join([f"[{s['method']}](methods/{s['method']}.py)", s["dataset"], str(s["steps"]), label, " / ".join(names),
+                                           *(cell(k) for k in (1, 2, 4)), ", ".join(f"{k}: {cell(k)}" for k in more if k > 4) or "—"]) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
@@ -73,6 +101,10 @@ if __name__ == "__main__":
             stale.append(os.path.relpath(md, ROOT))
             if "--check" not in sys.argv:
                 open(md, "w").write(out)
+    if "<!-- samplers:start -->" in new:  # generated, like the results table
+        head, rest = new.split("<!-- samplers:start -->")
+        _, tail = rest.split("<!-- samplers:end -->")
+        new = f"{head}<!-- samplers:start -->\n{samplers_table()}\n<!-- samplers:end -->{tail}"
     pasted = [("bench", BENCH, True), ("cost", COST, False), ("steps", STEPS, False), ("memory", MEMORY, False), ("compile", COMPILE, False)]
     for name, path, fence in pasted:  # pasted verbatim
         if os.path.exists(path) and f"<!-- {name}:start -->" in new:
