@@ -99,17 +99,22 @@ def passes(name):
 
 print("| run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
 print("|---|---|---|---|---|---|")
+params = {}  # run -> parameter count (the guidance inputs of imf and tvm add embeddings)
 for path in sorted(glob.glob(os.path.join(HERE, "runs", "*", "*", "mnist", "summary.json"))):
     args = json.load(open(os.path.join(os.path.dirname(path), "args.json")))
     name = os.path.relpath(path, os.path.join(HERE, "runs")).split(os.sep)[0]
     ss = passes(name)
     s = ss[0]
     est, how = estimate(s["method"], args)
+    params[name] = s["params"]
     cell = lambda key, f: " / ".join(f.format(x[key]) for x in ss)
     print(f"| {name} | {est:.3g} | {how} | {cell('sec_per_step', '{:.3f}')} | {cell('fwd_time_s', '{:.4f}')} | {cell('fpe', '{:.2f}')} |")
 hw = s["hardware"]
+common = max(set(params.values()), key=list(params.values()).count)
+others = "".join(f", {n} {p}" for n, p in params.items() if p != common)
+others = f" ({others[2:]}: their extra inputs' embeddings)" if others else ""
 print(f"\nCPU ({hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}), batch {args['batch_size']}, "
-      f"{s['params']} parameters; median step time over the run (60 steps; mfd 20); forward time: median of 10 "
+      f"{common} parameters{others}; median step time over the run (60 steps; mfd 20); forward time: median of 10 "
       "at start-up. Where a cell holds two numbers they are two passes of measure.sh, one after the other "
       "on the same quiet machine: their spread is the noise of these figures. One training step is the "
       "file's own --steps unit: a DMD2 step updates the generator once in `ttur`, an MFD step is `ratio` "
