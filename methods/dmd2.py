@@ -58,7 +58,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 from common.data import make_loader

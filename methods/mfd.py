@@ -61,7 +61,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 from common.data import make_loader

@@ -72,7 +72,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
-import tyro
 from tqdm import tqdm
 
 from common.data import make_loader

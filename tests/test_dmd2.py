@@ -152,7 +152,7 @@ def test_bad_teachers(tmp_path):
     for spec, needle in [(other, "trained on mnist"), (shape, "network for data (3,)"), (tmp_path / "{dataset}.st", "gmm.st: checkpoint")]:
         with pytest.raises(SystemExit) as err:
             load_teacher(str(spec), "gmm", loader.info, "cpu", loader.gmm)
-        assert f"--teacher" in str(err.value) and needle in str(err.value), str(err.value)
+        assert "--teacher" in str(err.value) and needle in str(err.value), str(err.value)
     with pytest.raises(SystemExit, match="--teacher oracle"):
         load_teacher("oracle", "moons", make_loader("moons", 8).info)
     student = tmp_path / "student.safetensors"  # a distilled generator is not a flow-matching teacher

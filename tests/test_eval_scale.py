@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import common.eval as E
-from common.data import make_loader, write_shard
+from common.data import make_loader
 from common.dit import DiT, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

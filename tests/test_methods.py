@@ -4,6 +4,7 @@ micro-batches and an FID through a VAE (stand-ins), on mnist one process with 2 
 straight against the same resumed (bit-identical) and against torchrun with 2 processes (equal to
 float rounding), and the boilerplate blocks kept identical. Bad input and run-folder safety are
 tested on one file each (the code is shared)."""
+import ast
 import glob
 import json
 import os
@@ -330,6 +331,18 @@ def generic_args(path):
     return text[text.index("class Args:"):text.index("    # method\n")]
 
 
+def unused_imports(path):
+    """Names a file imports at top level and never reads (what pyflakes would flag)."""
+    tree = ast.parse(open(path).read())
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            imported |= {a.asname or a.name for a in node.names}
+    return sorted(imported - {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)})
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_boilerplate_identical_across_method_files(method):
     ref = blocks(script("fm"))
@@ -341,6 +354,7 @@ def test_boilerplate_identical_across_method_files(method):
     text = open(script(method)).read()
     assert len(text.splitlines()) < 450, f"methods/{method}.py is over 450 lines"
     assert "METHODS.md" not in text and "KERNEL.md" not in text and "../" not in text  # self-contained docstrings
+    assert not unused_imports(script(method)), f"methods/{method}.py imports {unused_imports(script(method))} unused"
 
 
 def test_readme_results_table_is_regenerated_from_results():
