@@ -131,6 +131,9 @@ if refs:
         est, how = estimate(s["method"], json.load(open(os.path.join(os.path.dirname(path), "args.json"))))
         print(f"| {s['method']} | {'—' if est is None else f'{est:.3g}'} | {how} | {s['sec_per_step']:.3f} | "
               f"{s['fwd_time_s']:.4f} | {s['fpe']:.2f} |")
-    print("\nThe mnist reference runs of the results table (batch 64, the mnist DiT), one thread each, other runs "
-          "sharing the 2 cores (one to several): s/step is the median over the whole run, the forward time the median of "
+    multi = [f"{s['method']} {s['hardware']['threads']}" for s in map(lambda p: json.load(open(p)), refs)
+             if s.get("hardware", {}).get("threads", 1) != 1]
+    print("\nThe mnist reference runs of the results table (batch 64, the mnist DiT), one thread each"
+          + (f" (threads where not 1: {', '.join(multi)})" if multi else "") + ", most of them next to other runs "
+          "on the 2 cores: s/step is the median over the whole run, the forward time the median of "
           "10 at start-up. Not a quiet machine: read the ratios.")
