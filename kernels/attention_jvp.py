@@ -54,6 +54,12 @@ Dispatch (module global ``BACKEND``, default "auto")
   import time because ``triton.jit`` decides at decoration time whether it builds an interpreted
   function.
 - ``BACKEND = "reference"`` or ``"triton"`` forces one path (tests and benchmarks use this).
+- ``sdpa``'s primal forward and plain backward go through PyTorch's fused attention on CUDA
+  (flash for fp16/bf16, memory-efficient otherwise; ``primal_kind``), whose log-sum-exp feeds
+  the two-pass tangent: fm, dmd2, mfd and sampling never reach the Triton kernels, and a plain
+  call allocates no tangent or mu buffer. ``PRIMAL = "kernel"`` turns this off; ``"torch"``
+  also uses PyTorch's CPU flash kernel (tests). A PyTorch kernel that raises falls back to ours
+  with a warning, counted in ``FALLBACKS``. ``attention_jvp`` is ours throughout.
 - If ``import triton`` fails (e.g. macOS) the module still imports and always uses the reference.
 
 Known limits: the Triton interpreter stores bf16 as raw integers, so bf16 is only meaningful on a
@@ -68,6 +74,7 @@ above.
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 
@@ -82,6 +89,8 @@ except Exception:  # pragma: no cover - depends on the platform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, see module docstring
 BACKEND = "auto"  # "auto" | "reference" | "triton"
+PRIMAL = "auto"  # "auto" | "torch" | "kernel": who computes sdpa's primal forward and plain backward
+FALLBACKS = {}  # PyTorch-kernel failures that fell back to the project's kernels: message -> count
 
 __all__ = ["sdpa", "attention_jvp", "attention_jvp_reference", "attention_backward_reference"]
 
@@ -646,8 +655,9 @@ def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     else:
         lse = lse.contiguous()
+    # plain calls allocate no tangent or mu buffer: the kernel never touches TO/MU then
     do = torch.empty_like(o) if has_jvp else o
-    mu = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
+    mu = torch.empty(B, H, N, device=q.device, dtype=torch.float32) if has_jvp else lse
     tq = dq if dq is not None else q
     tk = dk if dk is not None else k
     tv = dv if dv is not None else v
@@ -663,7 +673,7 @@ def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
                       num_stages=stages)
     if not has_jvp:
-        do = torch.zeros_like(o)
+        return o, None, lse, None
     return o, do, lse, mu
 
 
@@ -736,7 +746,10 @@ class _AttentionJVP(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, dq, dk, dv, causal, scale):
-        return _forward(q, k, v, dq, dk, dv, causal, scale)
+        o, do, lse, mu = _forward(q, k, v, dq, dk, dv, causal, scale)
+        if do is None:  # no tangent at all: do = 0 (the kernel's plain call writes none)
+            do, mu = torch.zeros_like(o), torch.zeros_like(lse)
+        return o, do, lse, mu
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -793,30 +806,144 @@ class _SDPATangent(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# ----------------------------------------------------------------------------------------------
+# The primal through PyTorch's fused attention (flash / memory-efficient; CPU flash for tests)
+# ----------------------------------------------------------------------------------------------
+
+_CAPABILITY = {}
+
+
+def _capability(x):
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx]
+
+
+def primal_kind(q, k, v, causal=False):
+    """Which PyTorch kernel serves sdpa's primal forward and plain backward: "flash" (CUDA,
+    fp16/bf16, equal head dims, multiple of 8, <= 256, sm_80+), "efficient" (CUDA, any float
+    dtype, head dims a multiple of 8 (16-bit) or 4 (fp32)), "cpu" (PyTorch's CPU flash kernel;
+    only with PRIMAL = "torch", for tests), or None: the project's kernels (Triton on CUDA, the
+    reference on CPU). PyTorch's causal mask is top-left aligned, ours bottom-right: causal
+    calls with N != M keep our kernels. ``PRIMAL = "kernel"`` turns this path off."""
+    if PRIMAL == "kernel" or (PRIMAL == "auto" and not q.is_cuda):
+        return None
+    if causal and q.shape[2] != k.shape[2]:
+        return None
+    if q.device.type == "cpu":
+        return "cpu"
+    if not q.is_cuda or any(x.stride(-1) != 1 for x in (q, k, v)):
+        return None
+    d, dv = q.shape[-1], v.shape[-1]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if (half and d == dv and d % 8 == 0 and d <= 256 and _capability(q) >= (8, 0)
+            and torch.backends.cuda.flash_sdp_enabled()):
+        return "flash"
+    align = 8 if half else 4
+    if d % align == 0 and dv % align == 0 and torch.backends.cuda.mem_efficient_sdp_enabled():
+        return "efficient"
+    return None
+
+
+def _fallback(what, err):
+    msg = f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if msg not in FALLBACKS:
+        warnings.warn(f"kernels.attention_jvp: PyTorch's fused attention failed, using the "
+                      f"project's kernels instead ({msg})")
+    FALLBACKS[msg] = FALLBACKS.get(msg, 0) + 1
+
+
+def _torch_forward(kind, q, k, v, causal, scale):
+    """(o, lse, extra): lse as the kernel returns it (efficient pads its rows to a multiple of
+    32; ``lse[..., :N]`` is the real one), extra what its backward needs."""
+    aten = torch.ops.aten
+    if kind == "cpu":
+        o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                                  scale=scale)
+        return o, lse, ()
+    if kind == "flash":
+        o, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        return o, lse, (cq, ck, mq, mk, seed, offset)
+    o, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale)
+    return o, lse, (seed, offset)
+
+
+def _torch_backward(kind, extra, g, q, k, v, o, lse, causal, scale):
+    aten = torch.ops.aten
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    if kind == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, o, lse, 0.0, causal, scale=scale)
+    if kind == "flash":
+        cq, ck, mq, mk, seed, offset = extra
+        return aten._scaled_dot_product_flash_attention_backward(
+            g, q, k, v, o, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
+    seed, offset = extra
+    gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        g, q, k, v, None, o, lse, seed, offset, 0.0, [True, True, True, False], causal,
+        scale=scale)
+    return gq, gk, gv
+
+
+class _Stash:
+    """Carries the PyTorch kernel's name and extra outputs from ``_SDPA.forward`` to its
+    ``setup_context`` (a non-tensor input: torch.func passes the very object through)."""
+    __slots__ = ("kind", "extra")
+
+    def __init__(self):
+        self.kind, self.extra = None, ()
+
+
 class _SDPA(torch.autograd.Function):
-    """(q, k, v) -> (o, lse). Plain forward/backward; the ``jvp`` rule calls _SDPATangent."""
+    """(q, k, v) -> (o, lse). Plain forward/backward through PyTorch's fused attention where
+    ``primal_kind`` allows (else the project's kernels); the ``jvp`` rule calls _SDPATangent.
+    lse is the kernel's (the efficient kernel pads its rows; the tangent uses the first N)."""
 
     @staticmethod
-    def forward(q, k, v, causal, scale):
+    def forward(q, k, v, causal, scale, stash):
+        kind = primal_kind(q, k, v, causal)
+        if kind is not None:
+            try:
+                with _no_autocast(q):
+                    o, lse, stash.extra = _torch_forward(kind, q, k, v, causal, scale)
+                stash.kind = kind
+                return o, lse
+            except RuntimeError as err:
+                _fallback(f"{kind} forward", err)
         o, _, lse, _ = _forward(q, k, v, None, None, None, causal, scale)
         return o, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
+        q, k, v, causal, scale, stash = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v, o, lse)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.kind, ctx.extra = causal, scale, stash.kind, stash.extra
 
     @staticmethod
     def backward(ctx, g, _glse):
         q, k, v, o, lse = ctx.saved_tensors
-        gq, gk, gv, _, _, _ = _backward(q, k, v, None, None, None, o, None, lse, None, g, None,
-                                        ctx.causal, ctx.scale)
-        return gq, gk, gv, None, None
+        if g is None:
+            return None, None, None, None, None, None
+        if ctx.kind is not None:
+            try:
+                with _no_autocast(q):
+                    gq, gk, gv = _torch_backward(ctx.kind, ctx.extra, g, q, k, v, o, lse,
+                                                 ctx.causal, ctx.scale)
+                return gq, gk, gv, None, None, None
+            except RuntimeError as err:
+                _fallback(f"{ctx.kind} backward", err)
+        gq, gk, gv, _, _, _ = _backward(q, k, v, None, None, None, o, None,
+                                        lse[..., :q.shape[2]], None, g, None, ctx.causal,
+                                        ctx.scale)
+        return gq, gk, gv, None, None, None
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, *_):
@@ -824,8 +951,8 @@ class _SDPA(torch.autograd.Function):
         if dq is None and dk is None and dv is None:
             return torch.zeros_like(o), None
         zero = lambda t, x: torch.zeros_like(x) if t is None else t  # noqa: E731
-        do, _ = _SDPATangent.apply(q, k, v, zero(dq, q), zero(dk, k), zero(dv, v), o, lse,
-                                   ctx.causal, ctx.scale)
+        do, _ = _SDPATangent.apply(q, k, v, zero(dq, q), zero(dk, k), zero(dv, v), o,
+                                   lse[..., :q.shape[2]], ctx.causal, ctx.scale)
         return do, None  # lse is non-differentiable (its tangent would be mu)
 
 
@@ -845,5 +972,5 @@ def sdpa(q, k, v, causal=False, scale=None):
     amp = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)  # autocast knows no meta device
     dt = torch.get_autocast_dtype(dev) if amp else v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale))
+    o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale), _Stash())
     return o

@@ -151,6 +151,92 @@ def sdpa_jvp_and_grads(q, k, v, dq, dk, dv, g, gt, causal, mode):
     return o, do, grads
 
 
+@pytest.fixture
+def torch_primal(monkeypatch):
+    """sdpa's primal forward and plain backward through PyTorch's fused CPU attention (the
+    stand-in for flash / efficient on CUDA), the tangent through the reference."""
+    monkeypatch.setattr(A, "BACKEND", "reference")
+    monkeypatch.setattr(A, "PRIMAL", "torch")
+
+
+def _forbid_plain_kernel_calls(monkeypatch):
+    """Our kernels may only run for a tangent or a backward through one."""
+    forward, backward = A._forward, A._backward
+
+    def fwd(q, k, v, dq, dk, dv, *a, **kw):
+        assert not (dq is None and dk is None and dv is None), "plain forward hit our kernels"
+        return forward(q, k, v, dq, dk, dv, *a, **kw)
+
+    def bwd(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, *a):
+        assert gt is not None, "plain backward hit our kernels"
+        return backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, *a)
+
+    monkeypatch.setattr(A, "_forward", fwd)
+    monkeypatch.setattr(A, "_backward", bwd)
+
+
+@pytest.mark.parametrize("mode", ["func", "forward_ad"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_primal_sdpa_jvp_and_backward_through_tangent(torch_primal, monkeypatch, mode,
+                                                            causal):
+    """Primal from PyTorch's kernel (its lse feeds the tangent), tangent and the backward
+    through it from ours: same float64 numbers as torch.func.jvp + autograd on naive attention."""
+    (q, k, v, dq, dk, dv), (g, gt) = make_inputs(N=10, M=14 if not causal else 10)
+    assert A.primal_kind(q, k, v, causal) == "cpu"
+    o0, do0, grads0 = oracle(q, k, v, dq, dk, dv, g, gt, causal)
+    calls = []
+    monkeypatch.setattr(A, "_torch_forward",
+                        lambda *a, f=A._torch_forward: calls.append(a[0]) or f(*a))
+    o, do, grads = sdpa_jvp_and_grads(q, k, v, dq, dk, dv, g, gt, causal, mode)
+    assert calls == ["cpu"]
+    close(o, o0, 1e-12, what="o")
+    close(do, do0, 1e-12, what="do")
+    for name, a, b in zip("q k v dq dk dv".split(), grads, grads0):
+        close(a, b, 1e-12, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_primal_plain_calls_never_reach_our_kernels(torch_primal, monkeypatch, causal):
+    """A plain forward + backward (fm, dmd2, mfd, sampling) runs PyTorch's kernels only; under a
+    JVP only the tangent and the backward through it reach ours."""
+    (q, k, v, dq, dk, dv), (g, gt) = make_inputs(N=12, M=12)
+    _forbid_plain_kernel_calls(monkeypatch)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = A.sdpa(*xs, causal=causal)
+    grads = torch.autograd.grad((o * g).sum(), xs)
+    o0, _, grads0 = oracle(q, k, v, dq, dk, dv, g, None, causal)
+    close(o, o0, 1e-12, what="o")
+    for name, a, b in zip("qkv", grads, grads0):
+        close(a, b, 1e-12, what=f"grad {name}")
+    o, do, grads = sdpa_jvp_and_grads(q, k, v, dq, dk, dv, g, gt, causal, "func")
+    close(do, oracle(q, k, v, dq, dk, dv, g, gt, causal)[1], 1e-12, what="do")
+
+
+def test_torch_primal_choice_and_fallback(monkeypatch):
+    """Where PyTorch's kernel applies, and a failing one falls back to ours with a warning."""
+    (q, k, v, *_), (g, _) = make_inputs(N=9, M=7)
+    monkeypatch.setattr(A, "PRIMAL", "auto")
+    assert A.primal_kind(q, k, v) is None  # CPU default: the reference, as before
+    monkeypatch.setattr(A, "PRIMAL", "torch")
+    assert A.primal_kind(q, k, v) == "cpu"
+    assert A.primal_kind(q, k, v, causal=True) is None  # N != M: alignments differ
+    monkeypatch.setattr(A, "PRIMAL", "kernel")
+    assert A.primal_kind(q, k, v) is None
+    monkeypatch.setattr(A, "PRIMAL", "torch")
+    monkeypatch.setattr(A, "BACKEND", "reference")
+    monkeypatch.setattr(A, "FALLBACKS", {})
+
+    def broken(*a):
+        raise RuntimeError("no kernel for this input\nsecond line")
+
+    monkeypatch.setattr(A, "_torch_forward", broken)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    with pytest.warns(UserWarning, match="no kernel for this input"):
+        o = A.sdpa(*xs)
+    close(o, naive(q, k, v), 1e-12, what="o")
+    assert A.FALLBACKS == {"cpu forward: RuntimeError: no kernel for this input": 1}
+
+
 def test_reference_sdpa_plain_matches_torch(reference):
     """No JVP: same values and gradients as PyTorch's own attention (fp32 and bf16)."""
     F = torch.nn.functional
@@ -238,9 +324,9 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-2}
 
 
 def _case(kind, dtype=torch.float32, N=37, M=37, D=16, DV=None, causal=False, g=True, gt=True,
-          tangent="all", H=2):
+          tangent="all", H=2, primal="kernel"):
     return dict(kind=kind, dtype=dtype, N=N, M=M, D=D, DV=DV, causal=causal, g=g, gt=gt,
-                tangent=tangent, H=H)
+                tangent=tangent, H=H, primal=primal)
 
 
 INTERP_CASES = [
@@ -265,6 +351,12 @@ INTERP_CASES = [
     _case("forward_ad", causal=True, N=26, M=26),
     _case("strided", N=23, M=23),
     _case("dit"),
+    # primal from PyTorch's CPU flash kernel (its lse, laid out (B, N, H), feeds our tangent)
+    _case("plain", N=45, M=31, primal="torch"),
+    _case("func", N=19, M=33, primal="torch"),
+    _case("forward_ad", dtype=torch.float16, causal=True, N=24, M=24, primal="torch"),
+    _case("strided", N=23, M=23, D=72, primal="torch"),
+    _case("dit", primal="torch"),
 ]
 
 
@@ -282,6 +374,7 @@ def _case_id(c):
     flags += [] if c["g"] else ["noG"]
     flags += [] if c["gt"] else ["noGt"]
     flags += [] if c["tangent"] == "all" else [f"t-{c['tangent']}"]
+    flags += [] if c["primal"] == "kernel" else [f"primal-{c['primal']}"]
     return "-".join(flags)
 
 
@@ -290,6 +383,9 @@ def _case_id(c):
 @pytest.mark.parametrize("c", _shard(INTERP_CASES) if INTERP else [], ids=_case_id)
 def test_interp(c, monkeypatch):
     monkeypatch.setattr(A, "BACKEND", "triton")
+    monkeypatch.setattr(A, "PRIMAL", c["primal"])
+    if c["primal"] == "torch":
+        _forbid_plain_kernel_calls(monkeypatch)
     if c["kind"] == "dit":
         return _check_dit_jvp_grads(rtol=1e-4)
     dtype, tol, causal = c["dtype"], TOL[c["dtype"]], c["causal"]
@@ -317,6 +413,9 @@ def test_interp(c, monkeypatch):
         loss = sum((a.float() * b.float()).sum() for a, b in ((o, g), (do, gt)) if b is not None)
         grads = torch.autograd.grad(loss, xs, allow_unused=True)
     elif c["kind"] == "plain":  # sdpa without any JVP: the HAS_JVP=False kernels
+        if c["primal"] == "kernel":  # a plain call allocates no tangent and no mu
+            _, do_, _, mu_ = A._triton_forward(q, k, v, None, None, None, causal, 0.5)
+            assert do_ is None and mu_ is None
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         o = A.sdpa(*xs, causal=causal)
         do = do0
