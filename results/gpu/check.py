@@ -172,7 +172,7 @@ def s0_env(dev, dry):
             rows.append({"item": f"package {name}", "value": getattr(mod, "__version__", "present")})
         except Exception as err:  # noqa: BLE001
             rows.append({"item": f"package {name}", "value": f"missing ({type(err).__name__})"})
-    rows.append({"item": "attention dispatch (module BACKEND)", "value": A.BACKEND})
+    rows.append({"item": "attention dispatch (module BACKEND, PRIMAL)", "value": f"{A.BACKEND}, {getattr(A, 'PRIMAL', '-')}"})
     return rows, []
 
 
@@ -181,8 +181,17 @@ TOL = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}  # ||err|| / ||re
 DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def attn_case(shape, causal, prec, dev, gen, views):
-    """Errors of the Triton path against the float64 closed form for one shape and precision."""
+def attn_case(shape, causal, prec, dev, gen, views, primal="auto"):
+    """Errors of the Triton path against the float64 closed form for one shape and precision. `primal`: who
+    computes sdpa's primal forward and plain backward (auto: PyTorch's fused attention on CUDA; kernel: ours)."""
+    A.PRIMAL = primal
+    try:
+        return _attn_case(shape, causal, prec, dev, gen, views, primal)
+    finally:
+        A.PRIMAL = "auto"
+
+
+def _attn_case(shape, causal, prec, dev, gen, views, primal):
     B, H, N, D = shape[:4]
     M = shape[4] if len(shape) > 4 else N
     dt = DTYPE[prec]
@@ -197,7 +206,8 @@ def attn_case(shape, causal, prec, dev, gen, views):
     o_r, do_r, lse_r, mu_r = A.attention_jvp_reference(*x64, causal=causal)
     grads_r = A.attention_backward_reference(*x64, o_r, do_r, lse_r, mu_r, g.double(), gt.double(), causal=causal)
     plain_r = A.attention_backward_reference(*x64[:3], None, None, None, o_r, None, lse_r, None, g.double(), None, causal=causal)[:3]
-    row = {"shape": "x".join(map(str, (B, H, N, M, D))) + (" causal" if causal else "") + (" qkv-views" if views and M == N else ""), "prec": prec}
+    row = {"shape": "x".join(map(str, (B, H, N, M, D))) + (" causal" if causal else "") + (" qkv-views" if views and M == N else ""), "prec": prec,
+           "sdpa primal": (A.primal_kind(q, k, v, causal) if hasattr(A, "primal_kind") else None) or "ours"}
     ins = [a.detach().clone().requires_grad_(True) for a in (q, k, v, dq, dk, dv)]
     # fused forward + JVP and the backward through both outputs
     o, do = A.attention_jvp(*ins, causal=causal)
@@ -241,6 +251,7 @@ def whole_dit(dev, dry, gen):
 
     def run(model, backend, amp):
         A.BACKEND = backend
+        A.PRIMAL = "kernel" if backend == "reference" else "auto"  # the float64 reference: closed form throughout
         try:
             model.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
@@ -249,7 +260,7 @@ def whole_dit(dev, dry, gen):
                 ((u.float() ** 2).mean() + (du.float() ** 2).mean()).backward()
             return u.detach(), du.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         finally:
-            A.BACKEND = "auto"
+            A.BACKEND, A.PRIMAL = "auto", "auto"
 
     import copy
     ref = run(copy.deepcopy(net).double(), "reference", False)
@@ -269,20 +280,19 @@ def whole_dit(dev, dry, gen):
 def s1_correct(dev, dry):
     gen = torch.Generator(device=dev).manual_seed(0)
     if dry:
-        cases = [((2, 2, 16, 8), False, "fp32", True), ((1, 2, 12, 8, 9), True, "fp32", False)]
+        cases = [((2, 2, 16, 8), False, "fp32", True, "auto"), ((1, 2, 12, 8, 9), True, "fp32", False, "auto")]
     else:
-        cases = [((2, 16, 256, 72), False, p, True) for p in ("fp32", "tf32", "bf16", "fp16")]
-        cases += [((2, 12, 256, 64), False, p, True) for p in ("fp32", "bf16")]
-        cases += [((1, 4, 1000, 128), False, "bf16", False), ((1, 2, 300, 64, 257), True, "bf16", False),
-                  ((1, 2, 300, 64, 257), True, "fp32", False)]
+        cases = [((2, 16, 256, 72), False, p, True, "auto") for p in ("fp32", "tf32", "bf16", "fp16")]
+        cases += [((2, 16, 256, 72), False, "bf16", True, "kernel"), ((2, 12, 256, 64), False, "bf16", True, "kernel")]
+        cases += [((2, 12, 256, 64), False, p, True, "auto") for p in ("fp32", "bf16")]
+        cases += [((1, 4, 1000, 128), False, "bf16", False, "auto"), ((1, 2, 300, 64, 257), True, "bf16", False, "auto"),
+                  ((1, 2, 256, 64, 256), True, "bf16", False, "auto")]
     rows = []
-    for shape, causal, prec, views in cases:
+    for shape, causal, prec, views, primal in cases:
         if not dry:
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
-        if len(shape) == 5:  # (B, H, N, D, M)
-            shape = (shape[0], shape[1], shape[2], shape[3], shape[4])
         try:
-            rows.append(attn_case(shape, causal, prec, dev, gen, views))
+            rows.append(attn_case(shape, causal, prec, dev, gen, views, primal))
         except Exception as err:  # noqa: BLE001
             rows.append({"shape": str(shape), "prec": prec, "pass": False, "error": f"{type(err).__name__}: {str(err)[:200]}"})
     if not dry:
