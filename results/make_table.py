@@ -27,9 +27,9 @@ from compare import at_step, evals, fail, figure, fmt, read_run, within  # noqa:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = lambda *p: os.path.join(ROOT, *p)  # noqa: E731
-COST, STEPS, MEMORY, BENCH = R("results/cost/cost.md"), R("results/fsf_dmd/steps_to_best.md"), R("results/memory/memory.md"), R("results/attention_jvp/bench_cpu.txt")
+COST, STEPS, MEMORY, BENCH = "results/cost/cost.md", "results/fsf_dmd/steps_to_best.md", "results/memory/memory.md", "results/attention_jvp/bench_cpu.txt"
 # tables derived from logged runs by a script: regenerated here, so --check also catches a stale .md
-DERIVED = {COST: R("results/cost/table.py"), STEPS: R("results/fsf_dmd/steps_to_best.py")}
+DERIVED = {COST: "results/cost/table.py", STEPS: "results/fsf_dmd/steps_to_best.py"}
 
 # file -> (method, family, paper); a method file missing here still gets its row and page
 METHODS = {
@@ -279,7 +279,7 @@ def cost_rows():
     """{run name: (estimate, how, s/step, forward s, FPE measured)} from results/cost/cost.md's first table."""
     out = {}
     try:
-        lines = open(COST).read().split("\n\n")[0].splitlines()
+        lines = open(R(COST)).read().split("\n\n")[0].splitlines()
     except OSError:
         return out
     for line in lines[2:]:
@@ -372,6 +372,7 @@ def fill(text, name, body, path):
 
 
 def paste(path, fence=False):
+    path = R(path)
     try:
         body = open(path).read().strip()
     except OSError as err:
@@ -399,6 +400,7 @@ def main(argv):
     check = "--check" in argv
     stale = []
     for md, script in DERIVED.items():
+        md, script = R(md), R(script)
         p = subprocess.run([sys.executable, script], capture_output=True, text=True)
         if p.returncode != 0:
             fail(f"{os.path.relpath(script, ROOT)} failed: {(p.stderr.strip().splitlines() or ['exit ' + str(p.returncode)])[-1]}")
@@ -426,7 +428,12 @@ def main(argv):
         if new != text or not os.path.exists(path):
             stale.append(rel)
             if not check:
-                open(path, "w").write(new)
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        f.write(new)
+                except OSError as err:
+                    fail(f"{rel}: cannot write ({err.strerror or err})")
     curves = [(m, d, [r for r in runs_of(m) if r["dataset"] == d and "variants" not in r["rel"]])
               for m in method_files() for d in sorted({r["dataset"] for r in runs_of(m)})]
     if check:
