@@ -169,7 +169,7 @@ def test_compare_bad_input_is_one_line(tmp_path):
     assert "no such directory" in err(compare.main, [str(tmp_path / "nope")])
     assert "no metrics.jsonl" in err(compare.main, [str(tmp_path)])
     assert "--metric" in err(compare.main, [os.path.join(ROOT, "results", "fm", "gmm"), "--metric", "fiid"])
-    assert "--outt" in err(compare.main, [os.path.join(ROOT, "results", "fm", "gmm"), "--outt", "x.png"])
+    assert "--outt: unknown flag" in err(compare.main, [os.path.join(ROOT, "results", "fm", "gmm"), "--outt", "x.png"])
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "ed@1": 0.\n')
     assert "metrics.jsonl:2" in err(compare.main, [str(tmp_path)])
 
@@ -191,3 +191,13 @@ def test_help_opens_with_the_description_and_boxes_the_method_flags(monkeypatch)
     own, shared = out.split("meanflow-flags")[1].split("shared-flags")
     assert "--ratio" in own and "--cfg-kappa" in own and "--seed" not in own and "--device" not in own
     assert "--seed" in shared and "--device" in shared and "--ratio" not in shared
+
+
+def test_readers_keep_a_steps_last_row_and_weight_log_windows_by_length(tmp_path):
+    rows = [{"step": 50, "sec_per_step": 0.2, "fpe": 4.0}, {"step": 100, "sec_per_step": 0.4, "fpe": 2.0},
+            {"step": 100, "ed@1": 0.5}, {"step": 100, "ed@1": 0.3}]  # a resumed run re-evaluated step 100
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = compare.read_run(str(tmp_path))
+    assert compare.evals(run, "ed@1") == [(100, 0.3)] and compare.at_step(run, 100) == {"ed@1": 0.3}
+    assert compare.cumulative(run, "sec_per_step") == [(0, 0.0), (50, pytest.approx(10.0)), (100, pytest.approx(30.0))]
+    assert compare.cumulative(run, "fpe") == [(0, 0.0), (50, 200.0), (100, 300.0)]
