@@ -321,6 +321,8 @@ def page_runs(method):
         out += ["", "Other samplers and guidance scales of the same runs (at their last evaluation):", "",
                 "| data | at step | sampler | metric | 1 step | 2 steps | 4 steps |", "|---|---|---|---|---|---|---|"]
         out += ["| " + " | ".join(r) + " |" for r in samplers]
+    out += ["", "Commands, as each run's summary.json records them (a resumed run records its last segment):", ""]
+    out += [f"- {r['rel']}: `python {r['summary']['command']}`" for r in runs if isinstance(r["summary"].get("command"), str)]
     out.append("")
     for d in sorted({r["dataset"] for r in runs}):
         out.append(f"![{method} on {d}: quality over training](curves_{d}.png)")
