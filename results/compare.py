@@ -156,7 +156,7 @@ def table(runs, metric=None):
     return "\n".join(rows)
 
 
-def figure(runs, out, metric=None, title=None):
+def figure(runs, out, metric=None, title=None, dpi=100):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +190,7 @@ def figure(runs, out, metric=None, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return drawn
 

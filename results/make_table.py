@@ -67,8 +67,19 @@ def method_files():
     return sorted(os.path.basename(p)[:-3] for p in glob.glob(R("methods", "*.py")) if not os.path.basename(p).startswith("_"))
 
 
+_CACHE = None  # {method: runs} while main() runs (each run folder is read once per regeneration)
+
+
 def runs_of(method):
     """The method's reference runs: results/<method>/<dataset>/ and their variants/<name>/."""
+    if _CACHE is not None:
+        if method not in _CACHE:
+            _CACHE[method] = _read_runs(method)
+        return _CACHE[method]
+    return _read_runs(method)
+
+
+def _read_runs(method):
     dirs = sorted(glob.glob(R("results", method, "*", "metrics.jsonl")) + glob.glob(R("results", method, "*", "variants", "*", "metrics.jsonl")))
     out = []
     for p in dirs:
@@ -331,6 +342,31 @@ def page_runs(method):
     return "\n".join(out)
 
 
+def page_flags(method):
+    """The method's own `Args` fields (those after `device`, the last shared one): default and docstring."""
+    import ast
+    path = R("methods", f"{method}.py")
+    try:
+        tree = ast.parse(open(path).read())
+    except (OSError, SyntaxError, ValueError) as err:
+        fail(f"{os.path.relpath(path, ROOT)}: cannot parse ({err})")
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args"), None)
+    body = cls.body if cls else []
+    names = [a.target.id for a in body if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)]
+    if "device" not in names:
+        return "No `Args` class with the shared fields (ending at `device`) in the file."
+    rows, own = ["| flag | default | what it is (the field's docstring) |", "|---|---|---|"], False
+    for a, b in zip(body, body[1:] + [None]):
+        if not (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)):
+            continue
+        if own:
+            doc = b.value.value if isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant) else ""
+            default = ast.unparse(a.value) if a.value is not None else "(required)"
+            rows.append(f"| `--{a.target.id.replace('_', '-')}` | `{default}` | {' '.join(str(doc).split()).replace('|', '/')} |")
+        own = own or a.target.id == "device"
+    return "\n".join(rows)
+
+
 def page_cost(method):
     cost = cost_rows()
     c = cost.get(COST_RUN.get(method, method))
@@ -352,6 +388,11 @@ SKELETON = """# {m}: {title}
 [methods/{m}.py](../../methods/{m}.py). To be written: what the method is (two paragraphs and its
 equation in the project notation, from the file's docstring), the paper and official code, the flags
 that matter with the paper's values, deviations, what the tests check, known properties.
+
+## Flags that matter
+
+<!-- flags:start -->
+<!-- flags:end -->
 
 ## Reference runs
 
@@ -391,11 +432,20 @@ def targets():
            R("kernels", "README.md"): [("bench", paste(BENCH, fence=True))],
            R("results", "leaderboard.md"): leaderboard()}
     for m in method_files():
-        out[R("results", m, "README.md")] = [("runs", page_runs(m)), ("cost", page_cost(m))]
+        out[R("results", m, "README.md")] = [("flags", page_flags(m)), ("runs", page_runs(m)), ("cost", page_cost(m))]
     return out
 
 
 def main(argv):
+    global _CACHE
+    _CACHE = {}
+    try:
+        return _main(argv)
+    finally:
+        _CACHE = None
+
+
+def _main(argv):
     bad = [a for a in argv if a != "--check"]
     if bad:
         fail(f"make_table.py: unknown argument {bad[0]!r}: expected --check or nothing")
@@ -443,10 +493,9 @@ def main(argv):
         if stale or missing:
             fail(f"stale: {', '.join(stale + missing)}: run python results/make_table.py")
         return 0
-    for m, d, runs in curves:
-        for r in runs:
-            r["dir"] = r["rel"]  # the legend names the repository path, not this machine's
-        figure(runs, R("results", m, f"curves_{d}.png"), title=f"{m} on {d} (results/{m}/{d}): quality over training")
+    for m, d, runs in curves:  # the legend names the repository path, not this machine's
+        figure([dict(r, dir=r["rel"]) for r in runs], R("results", m, f"curves_{d}.png"), dpi=72,
+               title=f"{m} on {d} (results/{m}/{d}): quality over training")
     print("rewrote: " + (", ".join(stale) or "nothing (all up to date)") + f"; redrew {len(curves)} curve figures")
     return 0
 

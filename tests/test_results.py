@@ -201,3 +201,14 @@ def test_readers_keep_a_steps_last_row_and_weight_log_windows_by_length(tmp_path
     assert compare.evals(run, "ed@1") == [(100, 0.3)] and compare.at_step(run, 100) == {"ed@1": 0.3}
     assert compare.cumulative(run, "sec_per_step") == [(0, 0.0), (50, pytest.approx(10.0)), (100, pytest.approx(30.0))]
     assert compare.cumulative(run, "fpe") == [(0, 0.0), (50, 200.0), (100, 300.0)]
+
+
+def test_page_flags_are_the_files_own_args():
+    import dataclasses
+
+    import methods.tvm as tvm
+    fields = [f for f in dataclasses.fields(tvm.Args)]
+    own = fields[[f.name for f in fields].index("device") + 1:]
+    rows = mt.page_flags("tvm").splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| `") for r in rows] == ["--" + f.name.replace("_", "-") for f in own]
+    assert [r.split(" | ")[1].strip("`") for r in rows] == [repr(f.default) for f in own]
