@@ -59,7 +59,10 @@ def _help(Args, default):
 
     import tyro
 
-    body = ast.parse(textwrap.dedent(inspect.getsource(Args))).body[0].body
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(Args))).body[0].body
+    except (OSError, TypeError, SyntaxError):  # no source (a frozen build): the flags without their docstrings
+        body = []
     helps = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])  # each field's docstring
              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     fs = dataclasses.fields(Args)
