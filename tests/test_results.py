@@ -89,11 +89,11 @@ def test_bad_input_is_one_line_and_writes_nothing(repo):
     assert readme.read_text() == before
 
 
-def fake_run(root, rel, seed, steps, batch, evals, metric="ed"):
+def fake_run(root, rel, seed, steps, batch, evals, metric="ed", **extra):
     d = root / rel
     d.mkdir(parents=True)
     (d / "args.json").write_text(json.dumps({"seed": seed, "steps": steps, "batch_size": batch, "dataset": rel.split("/")[2],
-                                             "eval_every": 500}))
+                                             "eval_every": 500, **extra}))
     rows = [{"step": s, "sec_per_step": 0.1, "fpe": 3.0} for s in range(100, steps + 1, 100)]
     rows += [{"step": s, f"{metric}@1": v, f"{metric}@2": v / 2, f"{metric}@4": v / 4} for s, v in evals]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
@@ -108,6 +108,7 @@ def test_leaderboard_reads_the_standard_step_pools_seeds_and_lists_other_budgets
     fake_run(tmp_path, "results/fm/gmm/variants/s1", 1, 3000, 256, [(1000, 0.09), (2000, 0.05), (3000, 0.04)])
     fake_run(tmp_path, "results/dmd2/gmm", 0, 800, 256, [(400, 0.5), (800, 0.3)])
     fake_run(tmp_path, "results/dmd2/mnist", 0, 2000, 32, [(2000, 40.0)], metric="fid")
+    fake_run(tmp_path, "results/fm/mnist", 0, 6000, 64, [(5000, 50.0), (6000, 45.0)], metric="fid", alpha_k_end=6000, **mt.MNIST_DIT)
     monkeypatch.setattr(mt, "ROOT", str(tmp_path))
     board = mt.leaderboard()
     row = [r for r in board.splitlines() if r.startswith("| [fm]")][0].split(" | ")
@@ -117,6 +118,7 @@ def test_leaderboard_reads_the_standard_step_pools_seeds_and_lists_other_budgets
     assert "not at the standard budget (ran 800 steps): no evaluation at step 3000 | 800 | 0.3 | 0.15 | 0.075 |" in board
     assert "not at the standard budget (ran 2000 steps): --batch-size 32 (standard 64)" in board
     assert mt.standard_fid1("dmd2") == "— (ran 2000)"
+    assert "(ran 6000 steps): --alpha-k-end 6000 past step 5000 | 6000 | 45 |" in board  # a curriculum not ended at 5000
 
 
 def test_a_new_method_file_gets_a_skeleton_page(repo, monkeypatch):
