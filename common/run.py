@@ -40,11 +40,40 @@ def parse_args(Args):
             raise SystemExit(f"--resume {path}: unreadable args.json ({err})") from None
     fields = {f.name for f in dataclasses.fields(Args)}
     default = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields and k != "resume"})
+    if "-h" in argv or "--help" in argv:
+        _help(Args, default)
     args = tyro.cli(Args, default=default)
     overrides = {k: v for k, v in dataclasses.asdict(args).items() if k in saved and k not in ("resume", "out_dir")
                  and v != (tuple(saved[k]) if isinstance(saved[k], list) else saved[k])}
     _check_generic(args)
     return args, overrides
+
+
+def _help(Args, default):
+    """--help: the method file's one-line description, then the method's own flags (the fields after
+    `device`, the last shared one) in a box apart from the shared ones. Display only: parsing is tyro.cli(Args)."""
+    import ast
+    import inspect
+    import textwrap
+    from typing import Annotated
+
+    import tyro
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(Args))).body[0].body
+    except (OSError, TypeError, SyntaxError):  # no source (a frozen build): the flags without their docstrings
+        body = []
+    helps = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])  # each field's docstring
+             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    fs = dataclasses.fields(Args)
+    cut = [f.name for f in fs].index("device") + 1
+    group = lambda name, part: dataclasses.make_dataclass(name, [(f.name, Annotated[f.type, tyro.conf.arg(help=helps.get(f.name, ""))],  # noqa: E731
+                                                                  dataclasses.field(default=getattr(default, f.name))) for f in part])
+    method = os.path.basename(sys.argv[0]).removesuffix(".py")
+    Help = dataclasses.make_dataclass("Help", [(f"{method}_flags", Annotated[group("M", fs[cut:]), tyro.conf.OmitArgPrefixes]),
+                                               ("shared_flags_of_every_method_file", Annotated[group("S", fs[:cut]), tyro.conf.OmitArgPrefixes])])
+    doc = (sys.modules["__main__"].__doc__ or "").split("\n\n")[0].replace("\n", " ")
+    tyro.cli(Help, description=doc, args=["--help"])
 
 
 def _check_generic(args):

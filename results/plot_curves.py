@@ -10,13 +10,16 @@ so is the teacher's 50-step quality.
 """
 import argparse
 import glob
-import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import evals, read_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_DATA = ("fm", "meanflow", "imf", "alphaflow", "tvm", "shortcut")  # drawn as lines; the distilled runs as curves
@@ -25,9 +28,8 @@ FROM_DATA = ("fm", "meanflow", "imf", "alphaflow", "tvm", "shortcut")  # drawn a
 def curves(dataset, metric):
     out = {}
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "*", dataset, "metrics.jsonl"))):
-        method = path.split(os.sep)[-3]
-        rows = [json.loads(r) for r in open(path)]
-        out[method] = {k: [(r["step"], r[f"{metric}@{k}"]) for r in rows if f"{metric}@{k}" in r] for k in (1, 2, 4, 50)}
+        run = read_run(os.path.dirname(path))  # results/compare.py's reader: a corrupt row is a one-line error
+        out[path.split(os.sep)[-3]] = {k: evals(run, f"{metric}@{k}") for k in (1, 2, 4, 50)}
     return out
 
 
