@@ -351,8 +351,9 @@ def save_state(state, path):
     RNG states) as one safetensors file; non-tensor leaves live in the metadata."""
     tensors, rest = {}, {}
     _flatten(state, "", tensors, rest)
-    # safetensors refuses tensors that share storage (tied weights, RNG states): clone each
-    _atomic_save({k: v.clone() for k, v in tensors.items()}, {"state": json.dumps(rest)}, path)
+    # safetensors refuses tensors that share storage (tied weights, RNG states): a fresh CPU copy of
+    # each, made tensor by tensor (no second copy of the whole state on the GPU)
+    _atomic_save({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, {"state": json.dumps(rest)}, path)
 
 
 def load_state(path):

@@ -20,6 +20,7 @@ statistics (count, sum, sum of outer products in float64): 50k samples never sit
 one process, and every rank returns the same metrics. Run as a module to score a saved model:
 `python -m common.eval --ckpt run/model.safetensors --fid-ref ref.npz --inception inception.pt ...`.
 """
+import contextlib
 import json
 import math
 import os
@@ -69,6 +70,27 @@ def time_forward(net, x, y, reps=10):
 
 
 # ---------------------------------------------------------------- distributed helpers
+PRECISION = "fp32"  # the run's --precision (common.run.setup sets it): "bf16" samples, decodes and runs Inception under bf16 autocast
+
+
+def _amp(device):
+    """bf16 autocast on `device` when the run's precision is bf16 (autocast knows cpu and cuda)."""
+    dev = torch.device(device).type
+    if dev not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(dev, torch.bfloat16, enabled=PRECISION == "bf16")
+
+
+def _from_rank0(fn):
+    """fn() computed on rank 0 only (e.g. a 2048-d sqrtm) and handed to every rank."""
+    rank, world = _rank_world()
+    if world == 1:
+        return fn()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([fn() if rank == 0 else 0.0], dtype=torch.float64, device=dev)
+    return _all_sum(t).item()
+
+
 def _rank_world():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -243,7 +265,11 @@ class Evaluator:
         info = loader.info
         self.kind, self.note, self.shape, self.decode = info["kind"], None, tuple(info["shape"]), None
         self.batch = batch if self.kind == "image" else CHUNK
-        real, self.labels = loader.sample(n, torch.Generator().manual_seed(seed + 1))
+        gen = torch.Generator().manual_seed(seed + 1)
+        if fid_ref is not None and getattr(loader, "shards", None) is not None:  # the labels only: no latent read
+            real, self.labels = None, loader.shards.labels[loader._draw(n, gen)[0]]
+        else:
+            real, self.labels = loader.sample(n, gen)
         if self.kind == "vector":
             self.real = real
             if loader.gmm is not None:  # the exact endpoints of the evaluation noise, computed once
@@ -253,7 +279,7 @@ class Evaluator:
         self.features, self.classify = self._extractor(info, vae, inception)
         if self.features is None:
             return
-        dim = self.features(real[:2].to(self.device)).shape[1]
+        dim = self.features(torch.zeros(2, *self.shape, device=self.device)).shape[1]
         if fid_ref is not None:
             self.ref = load_ref(fid_ref, dim)
         else:  # mnist: all 5000 digits as the reference set (as always); else the n data rows
@@ -303,7 +329,8 @@ class Evaluator:
         for k in steps:
             batches = draw(sample_fn, self.shape, self.labels, k, self.seed, self.batch, _share(self.n))
             if self.kind == "vector":
-                x = torch.cat([x.float().to(self.device) for _, x in batches])
+                with _amp(self.device):
+                    x = torch.cat([x.float().to(self.device) for _, x in batches])
                 x = _gather_rows(x, self.n).cpu()
                 if not torch.isfinite(x).all():
                     metrics[f"nonfinite@{k}"] = 1.0
@@ -313,18 +340,20 @@ class Evaluator:
                     metrics[f"fm_err@{k}"] = math.sqrt(((x.double() - self.exact) ** 2).sum(1).mean().item())
                 continue
             stats, counts = Stats(), torch.zeros(2, dtype=torch.float64, device=self.device)  # [nonfinite, correct]
-            for rows, x in batches:
-                x = x.float().to(self.device)
-                if not torch.isfinite(x).all():
-                    counts[0] += 1
-                elif self.features is not None:
-                    stats.add(self.features(x))
-                    if self.classify is not None:
-                        counts[1] += (self.classify(x).cpu() == self.labels[rows]).sum()
+            with _amp(self.device):  # the sampler runs as the batches are drawn
+                for rows, x in batches:
+                    x = x.float().to(self.device)
+                    if not torch.isfinite(x).all():
+                        counts[0] += 1
+                    elif self.features is not None:
+                        stats.add(self.features(x))
+                        if self.classify is not None:
+                            counts[1] += (self.classify(x).cpu() == self.labels[rows]).sum()
             if _all_sum(counts)[0] > 0:
                 metrics[f"nonfinite@{k}"] = 1.0
             elif self.features is not None:
-                metrics[f"fid@{k}"] = frechet(stats.mu_sigma(), self.ref)
+                mu_sigma = stats.mu_sigma()  # a collective: every rank
+                metrics[f"fid@{k}"] = _from_rank0(lambda: frechet(mu_sigma, self.ref))
                 if self.classify is not None:  # float32 mean, as before
                     metrics[f"acc@{k}"] = (torch.tensor(counts[1].item(), dtype=torch.float32) / self.n).item()
         return metrics
@@ -346,7 +375,7 @@ def load_ref(path, dim):
 
 def _nograd(fn):
     def run(x):
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), _amp(x.device):
             return fn(x)
     return run
 

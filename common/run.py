@@ -91,8 +91,8 @@ def _check_generic(args):
         raise SystemExit(f"--adam-betas {args.adam_betas} / --weight-decay {args.weight_decay}: expected betas in [0, 1) and a weight decay >= 0")
     if not args.eval_steps or any(k <= 0 for k in args.eval_steps):
         raise SystemExit(f"--eval-steps {args.eval_steps}: expected one or more positive step counts")
-    if args.precision not in ("fp32", "bf16") or args.device not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"--precision {args.precision} / --device {args.device}: expected fp32|bf16 / auto|cpu|cuda")
+    if args.precision not in ("auto", "fp32", "bf16") or args.device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--precision {args.precision} / --device {args.device}: expected auto|fp32|bf16 / auto|cpu|cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0) or args.warmup < 0:
@@ -117,7 +117,11 @@ def setup(args, method):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+    if args.precision == "auto":  # the papers' setting on a GPU; resolved here, so args.json (and a resume) keep it
+        args.precision, args.tf32 = ("bf16", True) if device.type == "cuda" else ("fp32", args.tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    import common.eval  # evaluation runs under the run's precision
+    common.eval.PRECISION = args.precision
     run_dir, ckpt_path = os.path.join(args.out_dir, args.exp_name, args.dataset), None
     if args.resume:
         ckpt_path = os.path.join(args.resume, "ckpt.safetensors") if os.path.isdir(args.resume) else args.resume
@@ -196,8 +200,16 @@ def micro_seed(seed, step, index):
 
 
 def mean_terms(terms):
-    """Average of the micro-batches' loss terms (dicts of 0-d tensors), still tensors."""
-    return {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}
+    """Average of the micro-batches' loss terms (dicts of 0-d tensors), still tensors; under
+    torch.distributed also over the ranks (one all-reduce), so the log shows the global batch."""
+    out = {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return out
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.stack([torch.as_tensor(v).detach().to(dev, torch.float64) for v in out.values()])
+    torch.distributed.all_reduce(flat)
+    flat = flat / torch.distributed.get_world_size()
+    return {k: flat[i].to(torch.as_tensor(v).dtype) for i, (k, v) in enumerate(out.items())}
 
 
 class RunLog:

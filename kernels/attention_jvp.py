@@ -244,17 +244,27 @@ if HAS_TRITON:
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
                     sob, soh, son, sod, stob, stoh, ston, stod,
-                    H, N, M, D, DV, scale,
+                    H, N, M, D: tl.constexpr, DV: tl.constexpr, scale,
                     CAUSAL: tl.constexpr, HAS_JVP: tl.constexpr, HAS_DQK: tl.constexpr,
                     HAS_DV: tl.constexpr, TWO_PASS: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, A: tl.constexpr):
         """One program = BLOCK_M query rows of one (batch, head).
 
         Fused mode: the usual online softmax, plus nu = rowsum(p dS) and ONE tangent accumulator
         tacc = (p dS) V + p dV that share the rescale factor alpha. TWO_PASS mode: lse and O are
         known, so p = exp(S - lse) is already normalized and only the tangent is accumulated.
         """
+        # batch/head/row strides come divided by A, their common power-of-2 factor (<= 16): the
+        # products tell Triton the pointers' alignment (16-byte loads, cp.async) that 72 hides
+        sqb, sqh, sqn = sqb * A, sqh * A, sqn * A
+        skb, skh, skn = skb * A, skh * A, skn * A
+        svb, svh, svn = svb * A, svh * A, svn * A
+        stqb, stqh, stqn = stqb * A, stqh * A, stqn * A
+        stkb, stkh, stkn = stkb * A, stkh * A, stkn * A
+        stvb, stvh, stvn = stvb * A, stvh * A, stvn * A
+        sob, soh, son = sob * A, soh * A, son * A
+        stob, stoh, ston = stob * A, stoh * A, ston * A
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -341,9 +351,15 @@ if HAS_TRITON:
     def _bwd_pre_kernel(O, TO, G, GT, MU, DELTA, DT,
                         sob, soh, son, sod, stob, stoh, ston, stod,
                         sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
-                        H, N, DV, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                        H, N, DV: tl.constexpr, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, A: tl.constexpr):
         """Row statistics: Delta = D + E - mu Dt and Dt (module docstring), O(N d) work."""
+        # batch/head/row strides come divided by A, their common power-of-2 factor (<= 16): the
+        # products tell Triton the pointers' alignment (16-byte loads, cp.async) that 72 hides
+        sob, soh, son = sob * A, soh * A, son * A
+        stob, stoh, ston = stob * A, stoh * A, ston * A
+        sgb, sgh, sgn = sgb * A, sgh * A, sgn * A
+        sgtb, sgth, sgtn = sgtb * A, sgth * A, sgtn * A
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -394,14 +410,24 @@ if HAS_TRITON:
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
                        sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
-                       H, N, M, D, DV, scale,
+                       H, N, M, D: tl.constexpr, DV: tl.constexpr, scale,
                        CAUSAL: tl.constexpr, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
                        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, A: tl.constexpr):
         """One program = BLOCK_N keys; loops over query blocks; writes gK, gV, gdK, gdV.
 
         Gradient buffers are contiguous (B, H, M, D) and share the strides of ``GK``/``GV``.
         """
+        # batch/head/row strides come divided by A, their common power-of-2 factor (<= 16): the
+        # products tell Triton the pointers' alignment (16-byte loads, cp.async) that 72 hides
+        sqb, sqh, sqn = sqb * A, sqh * A, sqn * A
+        skb, skh, skn = skb * A, skh * A, skn * A
+        svb, svh, svn = svb * A, svh * A, svn * A
+        stqb, stqh, stqn = stqb * A, stqh * A, stqn * A
+        stkb, stkh, stkn = stkb * A, stkh * A, stkn * A
+        stvb, stvh, stvn = stvb * A, stvh * A, stvn * A
+        sgb, sgh, sgn = sgb * A, sgh * A, sgn * A
+        sgtb, sgth, sgtn = sgtb * A, sgth * A, sgtn * A
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -473,11 +499,21 @@ if HAS_TRITON:
                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
                       sgb, sgh, sgn, sgd, sgtb, sgth, sgtn, sgtd,
-                      H, N, M, D, DV, scale,
+                      H, N, M, D: tl.constexpr, DV: tl.constexpr, scale,
                       CAUSAL: tl.constexpr, HAS_G: tl.constexpr, HAS_GT: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, A: tl.constexpr):
         """One program = BLOCK_M queries; loops over key blocks; writes gQ and gdQ (contiguous)."""
+        # batch/head/row strides come divided by A, their common power-of-2 factor (<= 16): the
+        # products tell Triton the pointers' alignment (16-byte loads, cp.async) that 72 hides
+        sqb, sqh, sqn = sqb * A, sqh * A, sqn * A
+        skb, skh, skn = skb * A, skh * A, skn * A
+        svb, svh, svn = svb * A, svh * A, svn * A
+        stqb, stqh, stqn = stqb * A, stqh * A, stqn * A
+        stkb, stkh, stkn = stkb * A, stkh * A, stkn * A
+        stvb, stvh, stvn = stvb * A, stvh * A, stvn * A
+        sgb, sgh, sgn = sgb * A, sgh * A, sgn * A
+        sgtb, sgth, sgtn = sgtb * A, sgth * A, sgtn * A
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -554,6 +590,11 @@ def tiles(kind, dtype, d, dv, budget):
     sm_90 / sm_80 (tests/test_kernel_compile.py checks every group, dtype and head dim <= 128).
     Tiles are small under the interpreter so that small test shapes span several tiles.
 
+    The kernels are specialized as launched: the head dims are constants and the batch/head/row
+    strides come divided by their common power-of-2 factor A (a constant), so a DiT call (head dim
+    72, q/k/v views of one qkv tensor, head stride 72) gets 16-byte loads and cp.async; the
+    shared-memory figures above are those of that specialization (compile_ahead).
+
     Head dims are padded to a power of 2 (tl.arange): 72 runs as 128, i.e. 1.78x the matmul work
     of the real head dim; splitting D into 64 + 16 would cut that to 1.11x at the price of twice
     the loads and dots in every kernel, which we did not do."""
@@ -583,46 +624,116 @@ VARIANTS = {  # kernel group -> the (kernel, flags) a launch of that group compi
     "bwd": [(name, dict(HAS_G=True, HAS_GT=False)) for name in _BWD],
     "bwd_jvp": [(name, dict(HAS_G=True, HAS_GT=True)) for name in _BWD],
 }
+DIT_HEADS = {64: 12, 72: 16, 128: 16}  # DiT-B/2 (768 = 12 x 64), XL/2 (1152 = 16 x 72), 2048
 
 
-def compile_ahead(kind, dtype, d, dot_prec, target, budget, t=None):
+class _Plan:
+    """What ``compile_ahead`` records instead of launching: the tiles' budget (and optional
+    override), the dot precision, and [(kernel, args, meta)] of every launch."""
+
+    def __init__(self, budget, dot_prec, t=None):
+        self.budget, self.dot_prec, self.t, self.calls = budget, dot_prec, t, []
+
+
+def _launch(plan, kernel, grid, args, meta):
+    if plan is None:
+        kernel[grid](*args, **meta)
+    else:
+        plan.calls.append((kernel, args, meta))
+
+
+def _tiles(plan, kind, x, d, dv):
+    if plan is not None and plan.t is not None:
+        return plan.t
+    return tiles(kind, x.dtype, d, dv, _budget(x) if plan is None else plan.budget)
+
+
+def _specialize(fn, args, meta):
+    """(signature, constexprs, attrs) that a launch of ``fn`` with ``args``/``meta`` compiles,
+    by Triton's rules: tensors are pointers, 16-byte aligned ones marked so; integers equal to
+    1 become constants, those divisible by 16 are marked so; floats are fp32."""
+    sig, consts, attrs = {}, {}, {}
+    values = dict(zip(fn.arg_names, args), **meta)
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+              torch.float64: "fp64"}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        x = values[name]
+        if param.is_constexpr:
+            sig[name], consts[name] = "constexpr", x
+        elif torch.is_tensor(x):
+            sig[name] = "*" + dtypes[x.dtype]
+            if x.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(x, float):
+            sig[name] = "fp32"
+        elif x == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32" if -2 ** 31 <= x < 2 ** 31 else "i64"
+            if x % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def dit_inputs(d, dtype, B=2, N=256, heads=None, device="cpu"):
+    """q, k, v, their tangents, the primal output o (as PyTorch's flash kernel returns it), lse,
+    and the cotangents g, gt of o and do, laid out as a DiT block's attention call sees them:
+    q/k/v (and dq/dk/dv) are views of one (B, N, 3, H, d) qkv tensor, g and gt come from the
+    ``.transpose(1, 2).reshape(B, N, H d)`` after the call."""
+    H = heads or DIT_HEADS.get(d, 16)
+
+    def qkv():
+        return torch.randn(B, N, 3, H, d, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
+
+    def cot():
+        return torch.randn(B, N, H, d, dtype=dtype, device=device).transpose(1, 2)
+
+    q, k, v = qkv()
+    dq, dk, dv = qkv()
+    o = torch.randn(B, H, N, d, dtype=dtype, device=device)
+    lse = torch.randn(B, H, N, device=device)
+    return q, k, v, dq, dk, dv, o, lse, cot(), cot()
+
+
+def compile_ahead(kind, dtype, d, dot_prec, target, budget, t=None, inputs=None):
     """Compiles the kernels of group ``kind`` for ``target`` (a ``triton.backends.compiler.
-    GPUTarget``; no GPU needed) with the tiles ``tiles`` picks for ``budget``, specialized like a
-    launch on tensors with a contiguous head dim (non-causal; causal only adds index math).
-    ``t`` overrides the tiles. Returns [(kernel name, flags, tiles, CompiledKernel)]; the
-    kernel's ``.metadata.shared`` is its shared memory in bytes."""
+    GPUTarget``; no GPU needed) exactly as a launch specializes them: the launch code runs on
+    CPU tensors laid out like a DiT call (``dit_inputs(d, dtype)``, or ``inputs``), records its
+    kernel calls instead of launching, and each is compiled with Triton's specialization of
+    those arguments (``_specialize``). Tiles are the ones ``tiles`` picks for ``budget`` (``t``
+    overrides them). Returns [(kernel name, flags, tiles, CompiledKernel)]; the kernel's
+    ``.metadata.shared`` is its shared memory in bytes, ``.asm["ptx"]`` its PTX."""
     from triton.compiler import ASTSource
 
-    t = t or tiles(kind, dtype, d, d, budget)
-    ptr = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    q, k, v, dq, dk, dv, o, lse, g, gt = inputs or dit_inputs(d, dtype)
+    plan = _Plan(budget, dot_prec, t)
+    scale = _default_scale(q, None)
+    if kind == "fwd":
+        _triton_forward(q, k, v, None, None, None, False, scale, plan=plan)
+    elif kind == "jvp":
+        _triton_forward(q, k, v, dq, dk, dv, False, scale, plan=plan)
+        _triton_forward(q, k, v, dq, dk, dv, False, scale, o=o, lse=lse, plan=plan)
+    else:
+        mu = torch.zeros_like(lse)
+        _triton_backward(q, k, v, dq, dk, dv, o, o, lse, mu, g, gt if kind == "bwd_jvp" else None,
+                         False, scale, plan=plan)
     out = []
-    for name, flags in VARIANTS[kind]:
-        fn = globals()[name]
-        meta = dict(CAUSAL=False, DOT_PREC=dot_prec, **flags,
-                    **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV"), t)))
-        meta = {a: x for a, x in meta.items() if a in fn.arg_names}
-        sig, attrs, past_ptrs = {}, {}, False
-        for i, a in enumerate(fn.arg_names):  # pointers (upper case), then strides and sizes
-            past_ptrs = past_ptrs or a[0].islower()
-            if a in meta:
-                sig[a] = "constexpr"
-            elif not past_ptrs:
-                sig[a] = "*fp32" if a in ("LSE", "MU", "DELTA", "DT") else ptr
-            elif a == "scale":
-                sig[a] = "fp32"
-            elif a[0] == "s" and a[-1] == "d":  # unit stride along the head dim
-                sig[a], meta[a] = "constexpr", 1
-            else:
-                sig[a] = "i32"
-            if sig[a][0] in "*i":  # 16-byte aligned pointers, sizes and strides divisible by 16
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        kernel = triton.compile(ASTSource(fn, sig, meta, attrs), target=target,
-                                options=dict(num_warps=t[4], num_stages=t[5]))
-        out.append((name, flags, t, kernel))
+    for fn, args, meta in plan.calls:
+        meta = dict(meta)
+        options = dict(num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))
+        sig, consts, attrs = _specialize(fn, args, meta)
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)
+        flags = {f: meta[f] for f in ("HAS_JVP", "HAS_DQK", "HAS_DV", "TWO_PASS", "HAS_G",
+                                      "HAS_GT") if f in meta}
+        t_used = tuple(meta.get(b, 0) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")) + (
+            options["num_warps"], options["num_stages"])
+        out.append((fn.__name__, flags, t_used, kernel))
     return out
 
 
-def _dot_prec(x):
+def _dot_prec(x, plan=None):
+    if plan is not None:
+        return plan.dot_prec
     if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"  # ignored for 16-bit inputs
@@ -639,8 +750,28 @@ def _check(q, k, v):
     assert q.dtype == k.dtype == v.dtype
 
 
-def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
-    """Fused (o, do, lse, mu); with ``o``/``lse`` given, the two-pass tangent (o, do, lse, mu)."""
+def _align(tensors):
+    """Largest power of two <= 16 dividing every batch/head/row stride of ``tensors``."""
+    a = 16
+    for x in tensors:
+        for st in x.stride()[:-1]:
+            while st % a:
+                a //= 2
+    return a
+
+
+def _strides(a, tensors):
+    """Each tensor's strides with the batch/head/row ones divided by ``a`` (see the kernels)."""
+    out = []
+    for x in tensors:
+        *outer, last = x.stride()
+        out += [st // a for st in outer] + [last]
+    return out
+
+
+def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None, plan=None):
+    """Fused (o, do, lse, mu); with ``o``/``lse`` given, the two-pass tangent (o, do, lse, mu).
+    A plain call (no tangent) returns do = mu = None."""
     _check(q, k, v)
     B, H, N, D = q.shape
     M, DV = k.shape[2], v.shape[-1]
@@ -661,23 +792,20 @@ def _triton_forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
     tq = dq if dq is not None else q
     tk = dk if dk is not None else k
     tv = dv if dv is not None else v
-    bm, bn, bd, bdv, warps, stages = tiles("jvp" if has_jvp else "fwd", q.dtype, D, DV,
-                                           _budget(q))
-    grid = (triton.cdiv(N, bm), B * H)
-    _fwd_kernel[grid](q, k, v, tq, tk, tv, o, do, lse, mu,
-                      *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(),
-                      *tv.stride(), *o.stride(), *do.stride(),
-                      H, N, M, D, DV, scale,
-                      CAUSAL=causal, HAS_JVP=has_jvp, HAS_DQK=has_dqk, HAS_DV=dv is not None,
-                      TWO_PASS=two_pass, DOT_PREC=_dot_prec(q),
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
-                      num_stages=stages)
+    bm, bn, bd, bdv, warps, stages = _tiles(plan, "jvp" if has_jvp else "fwd", q, D, DV)
+    tensors = (q, k, v, tq, tk, tv, o, do)
+    a = _align(tensors)
+    args = (q, k, v, tq, tk, tv, o, do, lse, mu, *_strides(a, tensors), H, N, M, D, DV, scale)
+    meta = dict(CAUSAL=causal, HAS_JVP=has_jvp, HAS_DQK=has_dqk, HAS_DV=dv is not None,
+                TWO_PASS=two_pass, DOT_PREC=_dot_prec(q, plan), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_D=bd, BLOCK_DV=bdv, A=a, num_warps=warps, num_stages=stages)
+    _launch(plan, _fwd_kernel, (triton.cdiv(N, bm), B * H), args, meta)
     if not has_jvp:
         return o, None, lse, None
     return o, do, lse, mu
 
 
-def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
+def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale, plan=None):
     _check(q, k, v)
     B, H, N, D = q.shape
     M, DV = k.shape[2], v.shape[-1]
@@ -690,31 +818,33 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
         dq, dk, dv, do = q, k, v, o  # unused placeholders
     g_ = g if has_g else o
     gt_ = gt if has_gt else o
-    bm, bn, bd, bdv, warps, stages = tiles("bwd_jvp" if has_gt else "bwd", q.dtype, D, DV,
-                                           _budget(q))
+    bm, bn, bd, bdv, warps, stages = _tiles(plan, "bwd_jvp" if has_gt else "bwd", q, D, DV)
     f32 = dict(device=q.device, dtype=torch.float32)
     delta = torch.empty(B, H, N, **f32)
     dt = torch.empty(B, H, N, **f32) if has_gt else delta
     mu = mu.contiguous() if has_gt else delta
     lse = lse.contiguous()
-    _bwd_pre_kernel[(triton.cdiv(N, bm), B * H)](
-        o, do, g_, gt_, mu, delta, dt, *o.stride(), *do.stride(), *g_.stride(), *gt_.stride(),
-        H, N, DV, HAS_G=has_g, HAS_GT=has_gt, BLOCK_M=bm, BLOCK_DV=bdv)
+    pre = (o, do, g_, gt_)
+    a = _align(pre)
+    _launch(plan, _bwd_pre_kernel, (triton.cdiv(N, bm), B * H),
+            (o, do, g_, gt_, mu, delta, dt, *_strides(a, pre), H, N, DV),
+            dict(HAS_G=has_g, HAS_GT=has_gt, BLOCK_M=bm, BLOCK_DV=bdv, A=a))
     gq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     gk = torch.empty(B, H, M, D, device=q.device, dtype=k.dtype)
     gv = torch.empty(B, H, M, DV, device=q.device, dtype=v.dtype)
     gtq = torch.empty_like(gq) if has_gt else gq
     gtk = torch.empty_like(gk) if has_gt else gk
     gtv = torch.empty_like(gv) if has_gt else gv
-    common = (*q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-              *g_.stride(), *gt_.stride(), H, N, M, D, DV, scale)
-    meta = dict(CAUSAL=causal, HAS_G=has_g, HAS_GT=has_gt, DOT_PREC=_dot_prec(q),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
+    ins = (q, k, v, dq, dk, dv, g_, gt_)
+    a = _align(ins)
+    common = (*_strides(a, ins), H, N, M, D, DV, scale)
+    meta = dict(CAUSAL=causal, HAS_G=has_g, HAS_GT=has_gt, DOT_PREC=_dot_prec(q, plan),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, A=a, num_warps=warps,
                 num_stages=stages)
-    _bwd_kv_kernel[(triton.cdiv(M, bn), B * H)](
-        q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gk, gv, gtk, gtv, *common, **meta)
-    _bwd_q_kernel[(triton.cdiv(N, bm), B * H)](
-        q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gq, gtq, *common, **meta)
+    _launch(plan, _bwd_kv_kernel, (triton.cdiv(M, bn), B * H),
+            (q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gk, gv, gtk, gtv, *common), meta)
+    _launch(plan, _bwd_q_kernel, (triton.cdiv(N, bm), B * H),
+            (q, k, v, dq, dk, dv, g_, gt_, lse, delta, mu, dt, gq, gtq, *common), meta)
     if not has_gt:
         return gq, gk, gv, None, None, None
     return gq, gk, gv, gtq, gtk, gtv

@@ -87,8 +87,8 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False

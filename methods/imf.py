@@ -123,8 +123,8 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
@@ -241,7 +241,7 @@ def guided_target(net, x_t, t, v, y, w, t_min, t_max, null):
         v_c = velocity(net, x_t, t, y, None)
     else:
         k = torch.where((t >= t_min) & (t <= t_max), 1 - 1 / w, 0.0)  # 1 - 1/w_eff
-        c = torch.tensor([0.0, 0.0, 1.0], device=t.device, dtype=t.dtype).repeat(2 * len(t), 1)  # dummy interval [0, 1]
+        c = torch.cat([t.new_zeros(2 * len(t), 2), t.new_ones(2 * len(t), 1)], 1)  # dummy interval [0, 1]
         c[: len(t), 0] = k
         v_c, v_u = velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]), c).chunk(2)
     if was_training:

@@ -116,8 +116,8 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
@@ -222,22 +222,33 @@ def avg_velocity(vel, x_t, t, r, y, step):
     dims = [1] * (x_t.dim() - 1)
     K = torch.ceil((t - r).double() / step).clamp(min=1).long()
     h = (t - r) / K
+    # t and r come from the host (student_loss): the rollout's length and its row subsets are known
+    # there and reach the device by non-blocking copies, so the loop never waits for the device
+    t, h, Kx = (to_device(z, x_t.device) for z in (t, h, K))
     x, acc = x_t.clone(), torch.zeros_like(x_t)
-    for k in range(int(K.max())):
-        a = (K > k).nonzero().squeeze(1)  # rows whose own rollout is not finished
+    for k in range(int(K.max())):  # host-sync-ok: K lives where t and r do (the host in a step)
+        a = to_device((K > k).nonzero().squeeze(1), x_t.device)  # host-sync-ok: unfinished rows, as K
         v = vel(x[a], t[a] - k * h[a], y[a])
         x[a] = x[a] - h[a].view(-1, *dims) * v
         acc[a] = acc[a] + v
-    return acc / K.view(-1, *dims), K
+    return acc / Kx.view(-1, *dims), Kx
+
+
+def to_device(z, device):
+    """z on `device`; from the host through pinned memory without blocking."""
+    if z.device == device:
+        return z
+    return (z.pin_memory() if device.type == "cuda" else z).to(device, non_blocking=True)
 
 
 def student_loss(x0, y, teacher_v, aux_v, args):
     """MFD student loss (eq. 17-20) on generated samples x0 (with grad); teacher_v and aux_v are
     velocity callables (x, tau, y). Returns (loss, terms)."""
     dims = [1] * (x0.dim() - 1)
-    t, r = sample_tr(len(x0), args, x0.device)
+    t, r = sample_tr(len(x0), args, torch.device("cpu"))  # on the host: see avg_velocity
     noise = torch.randn_like(x0)
-    x_t = (1 - t.view(-1, *dims)) * x0 + t.view(-1, *dims) * noise
+    t_ = to_device(t, x0.device)
+    x_t = (1 - t_.view(-1, *dims)) * x0 + t_.view(-1, *dims) * noise
     u_A, K = avg_velocity(aux_v, x_t.detach(), t, r, y, args.ode_step)
     u_T, _ = avg_velocity(teacher_v, x_t.detach(), t, r, y, args.ode_step)
     # Jacobian-free (eq. 19): d loss / d x0 = (1 - t)(u_T - u_A) / numel, so descent moves x0 along u_A - u_T

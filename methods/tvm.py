@@ -127,8 +127,8 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32)"""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
@@ -211,8 +211,11 @@ def sample_times(n, args, device, dtype=torch.float32):
     logit(1 - gap) (inverse CDF), t = min(s + gap, 1); s' ~ LN(s_mu, s_sigma) on its own (loss.py:39-64)."""
     kw = dict(device=device, dtype=dtype)
     gap = torch.sigmoid(args.gap_mu + args.gap_sigma * torch.randn(n, **kw))
-    law = torch.distributions.Normal(torch.tensor(args.s_mu, **kw), torch.tensor(args.s_sigma, **kw))
-    s = torch.sigmoid(law.icdf(torch.rand(n, **kw) * law.cdf(torch.logit(1 - gap))))
+    # N(s_mu, s_sigma)'s cdf and icdf written out as torch.distributions.Normal computes them, with
+    # host scalars for mu and sigma: no device tensors built from Python numbers, no validation sync
+    mu, sigma = torch.tensor(args.s_mu, dtype=dtype), torch.tensor(args.s_sigma, dtype=dtype)
+    u = torch.rand(n, **kw) * (0.5 * (1 + torch.erf((torch.logit(1 - gap) - mu) * sigma.reciprocal() / math.sqrt(2))))
+    s = torch.sigmoid(mu + sigma * torch.erfinv(2 * u - 1) * math.sqrt(2))
     t = (s + gap).clamp(max=1)
     return t, s, torch.sigmoid(args.s_mu + args.s_sigma * torch.randn(n, **kw))
 
