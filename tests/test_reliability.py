@@ -80,6 +80,16 @@ def kill_at_save_state(step):
     return save_state
 
 
+def kill_at_save(step):
+    orig = common.dit.save
+
+    def save(net, path, **meta):
+        if meta.get("step") == step:
+            raise Kill
+        return orig(net, path, **meta)
+    return save
+
+
 def kill_in_write(name, partial=True):
     orig = common.run.write_atomic
 
@@ -105,6 +115,7 @@ def kill_in_evaluation(step):
 
 
 KILLS = {  # moment -> (module, name, replacement)
+    "while the final model is written": (common.dit, "save", lambda: kill_at_save(4)),
     "between the final model and checkpoint": (common.dit, "save_state", lambda: kill_at_save_state(4)),
     "inside the final evaluation": (common.run.Run, "evaluate", lambda: kill_in_evaluation(4)),
     "inside an evaluation mid-run": (common.run.Run, "evaluate", lambda: kill_in_evaluation(2)),
@@ -121,6 +132,8 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_run(moment, strai
         proc = run_inline(script(), *TINY, "--out-dir", tmp_path)
     assert proc.returncode != 0 and "Kill" in proc.stderr, proc.stderr[-2000:]
     run = tmp_path / "meanflow" / "gmm"
+    from common.dit import load_state, read_meta
+    assert read_meta(str(run / "model.safetensors"))["step"] >= load_state(str(run / "ckpt.safetensors"))["step"]
     run_ok("--resume", run)
     assert_same(straight, run)
     assert "nothing to do" in run_ok("--resume", run).stdout  # and now it is finished
@@ -156,3 +169,96 @@ def test_stale_model_is_rewritten_on_resume(straight, tmp_path):
     run_ok("--resume", run)
     assert read_meta(str(run / "model.safetensors"))["step"] == 4
     assert_same(straight, run)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "samples.png", "samples_0000004.png", "summary.json", "the last eval row"])
+def test_a_missing_end_file_is_redone(name, straight, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    if name == "the last eval row":
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        (run / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    else:
+        (run / name).unlink()
+    run_ok("--resume", run)
+    assert_same(straight, run)
+
+
+# ---------------------------------------------------------------- the lock
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "meanflow" / "gmm"
+    run.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "run.lock").write_text(f"{live.pid} {__import__('socket').gethostname()}")
+        proc = run_inline(script(), *TINY, "--out-dir", tmp_path)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert f"another run (PID {live.pid}" in proc.stderr.strip().splitlines()[-1]
+        assert not (run / "metrics.jsonl").exists()  # it wrote nothing
+    finally:
+        live.kill()
+        live.wait()
+    dead = live.pid  # a lock left by a process that is gone is taken over
+    run_ok(*TINY, "--steps", 2, "--out-dir", tmp_path)
+    assert (run / "summary.json").exists() and not (run / "run.lock").exists()
+    assert dead
+
+
+# ---------------------------------------------------------------- --resume and args.json
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    """A finished 2-step run with --lr 5e-4 (not the default)."""
+    out = tmp_path_factory.mktemp("half")
+    run_ok(*TINY, "--steps", 2, "--lr", 5e-4, "--out-dir", out)
+    return out / "meanflow" / "gmm"
+
+
+def copy_of(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def rows(run):
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("form", ["--resume RUN", "--resume=RUN"])
+def test_resume_forms_read_args_json(form, half, tmp_path):
+    run = copy_of(half, tmp_path)
+    run_ok(*(["--resume", run] if form == "--resume RUN" else [f"--resume={run}"]), "--steps", 3)
+    assert [r["lr"] for r in rows(run) if r["step"] == 3 and "lr" in r] == [5e-4]
+    assert {"step": 2, "resumed_with": {"steps": 3}} in rows(run)
+
+
+def test_resume_without_args_json_is_one_line(half, tmp_path):
+    run = copy_of(half, tmp_path)
+    (run / "args.json").unlink()
+    proc = run_inline(script(), f"--resume={run}", "--steps", 3)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "args.json" in proc.stderr.strip().splitlines()[-1] and not (run / "run.lock").exists()
+
+
+def test_an_edited_args_json_is_recorded(half, tmp_path):
+    run = copy_of(half, tmp_path)
+    saved = json.loads((run / "args.json").read_text())
+    (run / "args.json").write_text(json.dumps({**saved, "lr": 2e-4}, indent=1))
+    run_ok("--resume", run, "--steps", 3)
+    assert {"step": 2, "resumed_with": {"steps": 3, "args.json": {"lr": [5e-4, 2e-4]}}} in rows(run)
+    assert [r["lr"] for r in rows(run) if r["step"] == 3 and "lr" in r] == [2e-4]
+
+
+@pytest.mark.parametrize("field,value", [("lr", "fast"), ("steps", 2.5), ("eval_steps", [1, "two"]), ("qk_norm", "yes")])
+def test_a_wrong_type_in_args_json_is_one_line(field, value, half, tmp_path):
+    run = copy_of(half, tmp_path)
+    saved = json.loads((run / "args.json").read_text())
+    (run / "args.json").write_text(json.dumps({**saved, field: value}))
+    proc = run_inline(script(), "--resume", run, "--steps", 3)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"has {field} = {value!r}" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
