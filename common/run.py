@@ -110,6 +110,13 @@ def _check_generic(args):
             if isinstance(x, float) and not (math.isfinite(x) and abs(x) < 3e38):
                 raise SystemExit(f"--{f.name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
                                  "expected a finite number (within float32's range)")
+    for f in dataclasses.fields(args):  # an interval [x_min, x_max]: an empty one would silently switch a feature off
+        lo, hi = f.name, f.name[:-4] + "_max"
+        if lo.endswith("_min") and hasattr(args, hi) and getattr(args, lo) > getattr(args, hi):
+            raise SystemExit(f"--{lo.replace('_', '-')} {getattr(args, lo)} > --{hi.replace('_', '-')} {getattr(args, hi)}: "
+                             "expected min <= max")
+    if args.eval_samples < 2:
+        raise SystemExit(f"--eval-samples {args.eval_samples}: expected at least 2 (a distance needs a covariance)")
     if not 0 <= args.seed < 2**31:
         raise SystemExit(f"--seed {args.seed}: expected an integer in [0, 2^31)")
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_samples", "eval_batch", "ckpt_every",
@@ -173,7 +180,14 @@ def setup(args, method):
 
 
 def check_net(args, info):
-    """The DiT's shape constraints, named by flag (before a ValueError from inside the network)."""
+    """The DiT's shape constraints, named by flag (before a ValueError from inside the network), and
+    the evaluation flags that the data set would ignore."""
+    latent = "mean" in info or args.dataset == "imagenet-latent"
+    used = {"vae": latent, "inception": info["kind"] == "image" and args.dataset != "mnist", "fid_ref": info["kind"] == "image"}
+    for name, ok in used.items():
+        if getattr(args, name) is not None and not ok:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: --dataset {args.dataset} does not use it "
+                             f"({'mnist is scored by its own digit CNN' if args.dataset == 'mnist' and name == 'inception' else 'only for ' + ('latent' if name == 'vae' else 'image') + ' data'}); drop the flag")
     if info["kind"] == "image" and (info["shape"][1] % args.patch_size or args.hidden % args.heads or (args.hidden // args.heads) % 2
                                     or args.hidden % 4):
         raise SystemExit(f"--patch-size {args.patch_size} / --heads {args.heads} / --hidden {args.hidden}: the image side "
