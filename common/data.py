@@ -437,7 +437,7 @@ def _named_errors(batches):
     try:
         yield from batches
     except ValueError as err:
-        line = next((s for s in str(err).splitlines() if "is not a readable image" in s), None)
+        line = next((s for s in str(err).splitlines()[::-1] if "is not a readable image" in s), None)  # the message, not the source line
         if line is None:
             raise
         raise SystemExit(line[line.index("--src"):]) from None

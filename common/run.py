@@ -341,8 +341,12 @@ def take_lock(run_dir):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale (its process is gone) or ours
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError as err:
+            os.remove(path)
+            raise SystemExit(f"cannot write {path} ({err.strerror or err}); files written before are kept") from None
         break
     else:
         raise SystemExit(f"{run_dir}: cannot take the lock {path}")

@@ -262,3 +262,178 @@ def test_a_wrong_type_in_args_json_is_one_line(field, value, half, tmp_path):
     proc = run_inline(script(), "--resume", run, "--steps", 3)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"has {field} = {value!r}" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- bad input: one line naming the flag
+BAD = [
+    ("meanflow", ["--seed", 10**20], "--seed 100000000000000000000"),
+    ("tvm", ["--s-mu", "nan"], "--s-mu nan"),
+    ("meanflow", ["--lr", "1e39"], "--lr 1e+39"),
+    ("meanflow", ["--norm-eps", "inf"], "--norm-eps inf"),
+    ("meanflow", ["--cfg-t-min", 0.8, "--cfg-t-max", 0.2], "--cfg-t-min 0.8 > --cfg-t-max 0.2"),
+    ("imf", ["--sample-cfg", 1, "nan"], "--sample-cfg 1.0 nan"),
+    ("meanflow", ["--eval-samples", 1], "--eval-samples 1"),
+    ("meanflow", ["--vae", "{tmp}"], "--vae {tmp}: --dataset gmm does not use it"),
+    ("meanflow", ["--inception", "{tmp}/i.pt"], "--inception {tmp}/i.pt: --dataset gmm does not use it"),
+    ("meanflow", ["--fid-ref", "{tmp}/r.npz"], "--fid-ref {tmp}/r.npz: --dataset gmm does not use it"),
+]
+
+
+@pytest.mark.parametrize("method,flags,needle", BAD, ids=[" ".join(map(str, f)) for _, f, _ in BAD])
+def test_bad_flags_get_one_line(method, flags, needle, tmp_path):
+    fill = lambda s: str(s).replace("{tmp}", str(tmp_path))
+    proc = run_inline(script(method), *TINY, *map(fill, flags), "--out-dir", tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert fill(needle) in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_nan_guard_names_the_terms_and_the_flags_that_feed_them(tmp_path):
+    from conftest import load_method
+
+    for name, flags in (("meanflow", ["--ratio 0.25", "--norm-p 1.0"]), ("dmd2", ["--teacher"])):
+        common.run._ARGS.append(load_method(name).Args())
+        try:
+            with pytest.raises(SystemExit) as err:
+                common.run.stop_if_nonfinite({"loss": torch.tensor(float("nan")), "mse_mf": torch.tensor(float("inf")),
+                                              "grad_norm": torch.tensor(1.0)}, 7, str(tmp_path))
+        finally:
+            common.run._ARGS.pop()
+        msg = str(err.value)
+        assert msg.startswith("step 7: non-finite loss nan, mse_mf inf") and "grad_norm 1.0" not in msg.split("(")[0]
+        assert all(f in msg for f in flags) and "--lr" in msg and "\n" not in msg
+
+
+PROBE = """import os, runpy, sys, torch, common.run as r
+orig = r.Run.log_step
+def log_step(self, step, *a):
+    if step == 3:
+        raise {error}
+    return orig(self, step, *a)
+r.Run.log_step = log_step
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path({script!r}, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize("error,needle", [
+    ("KeyboardInterrupt", "interrupted at step 2; the checkpoint of step 2 is kept; continue with --resume {run}"),
+    ("torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')", "lower --batch-size, raise --grad-accum or pass --grad-ckpt"),
+])
+def test_ctrl_c_and_out_of_memory_are_one_line(error, needle, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.format(error=error, script=script()))
+    proc = run_method(str(probe), *TINY, "--out-dir", tmp_path, check=False)
+    run = tmp_path / "meanflow" / "gmm"
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert needle.format(run=run) in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def unshare_ok():
+    import shutil
+    import subprocess
+
+    return shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not unshare_ok(), reason="this machine cannot mount a private tmpfs (unshare -rm)")
+@pytest.mark.parametrize("free_kb,what", [(0, "run.lock"), (8, "model.safetensors")])
+def test_a_real_full_disk_is_one_line(free_kb, what, tmp_path):
+    """A 256 KiB tmpfs in a private mount namespace, filled up to `free_kb`: safetensors' own error
+    type and every other writer end in one line."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    flags = " ".join(map(str, TINY))
+    cmd = (f"mount -t tmpfs -o size=256k tmpfs {mnt} && (dd if=/dev/zero of={mnt}/fill bs=1k 2>/dev/null; "
+           f"truncate -s -{free_kb}k {mnt}/fill; PYTHONPATH={ROOT} OMP_NUM_THREADS=1 {sys.executable} {script()} {flags} --out-dir {mnt})")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300)
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot write" in last and what in last and "No space left on device" in last, last
+
+
+# ---------------------------------------------------------------- side tools: common.eval and common.data encode
+@pytest.mark.parametrize("case", ["cfg nan", "nan weights", "unwritable out", "one sample", "missing ckpt", "usage"])
+def test_eval_bad_input_one_line(case, half, tmp_path):
+    ckpt = half / "model.safetensors"
+    flags = ["--ckpt", ckpt, "--samples", 64, "--steps", 1, "--out", tmp_path / "e.json"]
+    if case == "nan weights":
+        net = common.dit.load(str(ckpt))
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("nan"))
+        common.dit.save(net, str(tmp_path / "nan.safetensors"), dataset="gmm")
+        flags[1] = tmp_path / "nan.safetensors"
+    flags += {"cfg nan": ["--cfg-scale", "nan"], "unwritable out": ["--out", "/proc/cleanflow/e.json"], "one sample": ["--samples", 1],
+              "missing ckpt": ["--ckpt", tmp_path / "none.safetensors"], "usage": ["--help"], "nan weights": []}[case]
+    proc = run_inline(os.path.join(ROOT, "common", "eval.py"), *flags)
+    if case == "usage":
+        assert proc.returncode == 0 and "usage: python -m common.eval" in proc.stdout and ROOT not in proc.stdout.split("\n")[0]
+        return
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    needle = {"cfg nan": "--cfg-scale nan", "nan weights": "weights hold NaN", "unwritable out": "--out /proc/cleanflow/e.json",
+              "one sample": "--samples 1", "missing ckpt": f"--ckpt {tmp_path / 'none.safetensors'}"}[case]
+    assert needle in last, last
+    assert last.count(str(tmp_path / "none.safetensors")) <= 1 and not (tmp_path / "e.json").exists()
+
+
+def test_eval_files_of_the_wrong_kind(tmp_path):
+    import numpy as np
+
+    from common.eval import load_inception, load_ref, load_vae
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+
+    class TwoArgs(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    torch.jit.script(TwoArgs()).save(str(tmp_path / "two.pt"))
+    np.savez(tmp_path / "nan.npz", mu=np.full(4, np.nan), sigma=np.eye(4))
+    for call, needle in ((lambda: load_vae(str(tmp_path / "unet"), "cpu"), "a UNet2DConditionModel folder"),
+                         (lambda: load_inception(str(tmp_path / "two.pt"), "cpu"), "does not map images"),
+                         (lambda: load_ref(str(tmp_path / "nan.npz"), 4), "NaN or inf")):
+        with pytest.raises(SystemExit) as err:
+            call()
+        assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(tmp_path / "src" / "a" / f"{i}.png")
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("case", ["resolution 0", "batch-size 0", "workers -1", "unwritable out", "other shards", "corrupt image",
+                                  "corrupt image, workers 1", "unet as vae"])
+def test_encode_bad_input_one_line(case, image_folder, tmp_path, tiny_latents):
+    from common.data import encode
+
+    kw = dict(src=str(image_folder), out=str(tmp_path / "o"), vae=tiny_latents[1], resolution=16, workers=0, device="cpu")
+    needle = {"resolution 0": "--resolution 0", "batch-size 0": "--batch-size 0", "workers -1": "--workers -1",
+              "unwritable out": "--out /proc/cleanflow", "other shards": "already holds 1 shards", "corrupt image": "2.png is not a readable image",
+              "corrupt image, workers 1": "2.png is not a readable image", "unet as vae": "a UNet2DModel folder"}[case]
+    if case in ("resolution 0", "batch-size 0", "workers -1"):
+        kw[case.split()[0].replace("-", "_")] = int(case.split()[1])
+    elif case == "unwritable out":
+        kw["out"] = "/proc/cleanflow"
+    elif case == "other shards":
+        os.makedirs(kw["out"])
+        open(os.path.join(kw["out"], "shard_r00_00000.safetensors"), "w").close()
+    elif case.startswith("corrupt image"):
+        (image_folder / "a" / "2.png").write_bytes(b"\x89PNG not really")
+        kw["workers"] = 1 if "workers 1" in case else 0
+    else:
+        (tmp_path / "unet").mkdir()
+        (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+        kw["vae"] = str(tmp_path / "unet")
+    with pytest.raises(SystemExit) as err:
+        encode(**kw)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
