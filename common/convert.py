@@ -37,6 +37,7 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 
 from common.dit import DiT, save
 
@@ -123,28 +124,35 @@ def convert(sd, source, path="checkpoint", learn_sigma=None, num_classes=None, h
         raise SystemExit(f"--ckpt {path}: y_embedder.embedding_table has {table.shape[0]} rows, expected "
                          f"{num_classes + 1} (--num-classes {num_classes} + the null class)")
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
-    net = DiT(input_size=grid * p, patch_size=p, in_channels=c_in, hidden=hidden, depth=depth, heads=heads,
-              mlp_ratio=mlp_ratio, num_classes=num_classes, param=spec["param"], stored_pos=True)
+    try:
+        net = DiT(input_size=grid * p, patch_size=p, in_channels=c_in, hidden=hidden, depth=depth, heads=heads,
+                  mlp_ratio=mlp_ratio, num_classes=num_classes, param=spec["param"], stored_pos=True)
+    except ValueError as err:  # e.g. --heads that do not divide the width
+        raise SystemExit(f"--heads {heads}: does not fit the checkpoint's hidden size {hidden} (needs hidden / heads even); "
+                         f"{path}: {err}") from None
 
     def keep_channels(t):  # output rows are (p, p, c_out): keep the first c_in channels of each pixel
         return t.reshape(p, p, c_out, *t.shape[1:])[:, :, :c_in].reshape(p * p * c_in, *t.shape[1:])
 
-    ours = {"patch.weight": w, "patch.bias": sd.pop("x_embedder.proj.bias"), "pos": sd.pop("pos_embed").reshape(1, n_tok, hidden),
-            "cond.y_embed.weight": table, "ada.1.weight": sd.pop("final_layer.adaLN_modulation.1.weight"),
-            "ada.1.bias": sd.pop("final_layer.adaLN_modulation.1.bias"),
-            "out.weight": keep_channels(sd.pop("final_layer.linear.weight")), "out.bias": keep_channels(sd.pop("final_layer.linear.bias"))}
-    del sd["x_embedder.proj.weight"], sd["y_embedder.embedding_table.weight"]
-    for i in (0, 2):
-        for kind in ("weight", "bias"):
-            ours[f"cond.t_embed.mlp.{i}.{kind}"] = sd.pop(f"t_embedder.mlp.{i}.{kind}")
-    names = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3", "adaLN_modulation.1": "ada.1"}
-    for b in range(depth):
-        for theirs, mine in names.items():
+    try:
+        ours = {"patch.weight": w, "patch.bias": sd.pop("x_embedder.proj.bias"), "pos": sd.pop("pos_embed").reshape(1, n_tok, hidden),
+                "cond.y_embed.weight": table, "ada.1.weight": sd.pop("final_layer.adaLN_modulation.1.weight"),
+                "ada.1.bias": sd.pop("final_layer.adaLN_modulation.1.bias"),
+                "out.weight": keep_channels(sd.pop("final_layer.linear.weight")), "out.bias": keep_channels(sd.pop("final_layer.linear.bias"))}
+        del sd["x_embedder.proj.weight"], sd["y_embedder.embedding_table.weight"]
+        for i in (0, 2):
             for kind in ("weight", "bias"):
-                key = f"blocks.{b}.{theirs}.{kind}"
-                if key not in sd:
-                    raise SystemExit(f"--ckpt {path}: no {key}; expected the DiT/SiT block layout")
-                ours[f"blocks.{b}.{mine}.{kind}"] = sd.pop(key)
+                ours[f"cond.t_embed.mlp.{i}.{kind}"] = sd.pop(f"t_embedder.mlp.{i}.{kind}")
+        names = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3", "adaLN_modulation.1": "ada.1"}
+        for b in range(depth):
+            for theirs, mine in names.items():
+                for kind in ("weight", "bias"):
+                    key = f"blocks.{b}.{theirs}.{kind}"
+                    if key not in sd:
+                        raise SystemExit(f"--ckpt {path}: no {key}; expected the DiT/SiT block layout")
+                    ours[f"blocks.{b}.{mine}.{kind}"] = sd.pop(key)
+    except KeyError as err:
+        raise SystemExit(f"--ckpt {path}: no {err.args[0]}; expected the DiT/SiT key layout (a truncated or other checkpoint?)") from None
     if sd:
         raise SystemExit(f"--ckpt {path}: unexpected keys {sorted(sd)[:5]} for --from {source}")
     gen = torch.Generator().manual_seed(0)  # h embedder: our usual first layer, a zero output layer
@@ -163,30 +171,49 @@ def convert(sd, source, path="checkpoint", learn_sigma=None, num_classes=None, h
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), help="layout and convention of --ckpt")
-    ap.add_argument("--ckpt", required=True, help="the original checkpoint (.pt or .safetensors)")
-    ap.add_argument("--out", required=True, help="our DiT checkpoint to write (.safetensors)")
+    ap = argparse.ArgumentParser(prog="python -m common.convert", description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--from", dest="source", choices=sorted(SOURCES), help="layout and convention of --ckpt (required)")
+    ap.add_argument("--ckpt", help="the original checkpoint (.pt or .safetensors) (required)")
+    ap.add_argument("--out", help="our DiT checkpoint to write (.safetensors) (required)")
     ap.add_argument("--learn-sigma", choices=["true", "false"], help="default: true for dit and sit, false for repa")
     ap.add_argument("--num-classes", type=int, help="default: embedding rows - 1")
     ap.add_argument("--heads", type=int, help="default: from the width (S 6, B 12, L 16, XL 16)")
     ap.add_argument("--data-root", help="imagenet-latent shards to check the teacher against (shape, classes, VAE, scale)")
     ap.add_argument("--trust-pickle", action="store_true", help="torch.load a train.py checkpoint with weights_only=False")
-    a = ap.parse_args(argv)
+    a, unknown = ap.parse_known_args(argv)
+    if unknown:  # before the missing ones: a misspelled --from is named as such
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    missing = [f for f, v in (("--from", a.source), ("--ckpt", a.ckpt), ("--out", a.out)) if v is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)}")
+    if os.path.abspath(a.out) == os.path.abspath(a.ckpt) or (os.path.exists(a.out) and os.path.samefile(a.out, a.ckpt)):
+        raise SystemExit(f"--out {a.out}: is --ckpt; write the converted file elsewhere (the original is kept)")
+    if a.heads is not None and a.heads <= 0:
+        raise SystemExit(f"--heads {a.heads}: expected a positive integer")
     sd = read_state(a.ckpt, a.trust_pickle)
     ls = None if a.learn_sigma is None else a.learn_sigma == "true"
     net, meta = convert(sd, a.source, a.ckpt, ls, a.num_classes, a.heads)
-    if os.path.dirname(a.out):
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    save(net, a.out, **meta)
+    root, ext = os.path.splitext(a.out)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # written and checked, then moved to --out: nothing is left on a failed check
+    try:
+        if os.path.dirname(a.out):
+            os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        save(net, tmp, **meta)
+        if a.data_root:
+            from common.data import make_loader
+            from common.dit import load_teacher
+
+            load_teacher(tmp, "imagenet-latent", make_loader("imagenet-latent", 1, root=a.data_root).info)
+        os.replace(tmp, a.out)
+    except (OSError, SafetensorError) as err:  # safetensors has its own error type for I/O
+        raise SystemExit(f"--out {a.out}: cannot write it ({getattr(err, 'strerror', None) or str(err).splitlines()[0][:160]})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     c = net.config
     print(f"wrote {a.out}: DiT {c['input_size']}px/{c['patch_size']} hidden {c['hidden']} depth {c['depth']} "
-          f"{c['num_classes']} classes, param {c['param']}, from {a.ckpt}")
+          f"{c['num_classes']} classes, param {c.get('param', 'v')}, from {a.ckpt}")
     if a.data_root:
-        from common.data import make_loader
-        from common.dit import load_teacher
-
-        load_teacher(a.out, "imagenet-latent", make_loader("imagenet-latent", 1, root=a.data_root).info)
         print(f"checked against --data-root {a.data_root}: shape, classes, VAE and latent scale agree")
 
 

@@ -422,6 +422,39 @@ def center_crop_arr(img, res):
     return a[top:top + res, left:left + res]
 
 
+def _open_image(path):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise ValueError(f"--src: {path} is not a readable image ({type(err).__name__}); remove or replace it") from None
+
+
+def _named_errors(batches):
+    """The batches; an unreadable image (raised in a DataLoader worker) as one line naming it."""
+    try:
+        yield from batches
+    except ValueError as err:
+        line = next((s for s in str(err).splitlines()[::-1] if "is not a readable image" in s), None)  # the message, not the source line
+        if line is None:
+            raise
+        raise SystemExit(line[line.index("--src"):]) from None
+
+
+def vae_kind(spec):
+    """A local --vae folder must hold a diffusers AutoencoderKL (config.json's _class_name), not e.g. a UNet."""
+    config = os.path.join(spec, "config.json")
+    if os.path.isdir(spec):
+        try:
+            kind = json.load(open(config)).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise SystemExit(f"--vae {spec}: no readable config.json (expected a diffusers AutoencoderKL folder)") from None
+        if kind != "AutoencoderKL":
+            raise SystemExit(f"--vae {spec}: a {kind} folder, expected a diffusers AutoencoderKL (config.json _class_name)")
+
+
 def _image(img, res):
     return torch.from_numpy(center_crop_arr(img, res).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
@@ -449,6 +482,19 @@ def encode(src: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", resolutio
     import torchvision
     from safetensors.torch import load_file, save_file
 
+    for flag, v, least in (("resolution", resolution, 1), ("batch-size", batch_size, 1), ("shard-size", shard_size, 1), ("workers", workers, 0)):
+        if v < least:
+            raise SystemExit(f"--{flag} {v}: expected an integer >= {least}")
+    old = sorted(glob.glob(os.path.join(out, "shard_*.safetensors")) + glob.glob(os.path.join(out, "shard_*.part")))
+    if old:  # two encodings in one folder cannot be loaded (their statistics differ)
+        raise SystemExit(f"--out {out}: already holds {len(old)} shards ({os.path.basename(old[0])}...); choose an empty folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, f".write_test{os.getpid()}"), "w").close()
+        os.remove(os.path.join(out, f".write_test{os.getpid()}"))
+    except OSError as err:
+        raise SystemExit(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    vae_kind(vae)
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
@@ -461,7 +507,7 @@ def encode(src: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", resolutio
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world = _rank_world()
     try:
-        ds = torchvision.datasets.ImageFolder(src, transform=partial(_image, res=resolution))
+        ds = torchvision.datasets.ImageFolder(src, transform=partial(_image, res=resolution), loader=_open_image)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise SystemExit(f"--src {src}: expected an ImageFolder (one sub-folder of images per class): {e}") from None
     try:
@@ -480,7 +526,7 @@ def encode(src: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", resolutio
         save_file({k: torch.cat([b[k] for b in buf]).contiguous() for k in buf[0]}, parts[-1])
         buf.clear()
 
-    for x, y in batches:
+    for x, y in _named_errors(batches):
         x = x.to(device)
         with torch.no_grad():
             z = {"latents": model.encode(x).latent_dist.sample(gen).float()}

@@ -230,8 +230,17 @@ def load_inception(path, device):
     except Exception as err:
         raise SystemExit(f"--inception {path}: not a TorchScript module ({type(err).__name__})") from None
     if hasattr(net, "layers"):  # the real file: as clean-fid's InceptionV3W (resize_inside=False)
-        return (lambda x: net.layers((x - 128) / 128).reshape(len(x), -1)), None
-    return (lambda x: net(x).reshape(len(x), -1)), None
+        feats = lambda x: net.layers((x - 128) / 128).reshape(len(x), -1)
+    else:
+        feats = lambda x: net(x).reshape(len(x), -1)
+    try:  # one image now, rather than a failure at the first evaluation
+        with torch.no_grad():
+            probe = feats(torch.full((2, 3, 299, 299), 128.0, device=device))
+        assert probe.dim() == 2 and probe.shape[0] == 2 and probe.dtype.is_floating_point
+    except Exception as err:  # noqa: BLE001 - any other call signature is the same one-line error
+        raise SystemExit(f"--inception {path}: does not map images [N, 3, 299, 299] to features [N, D] as clean-fid's "
+                         f"inception-2015-12-05.pt does ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})") from None
+    return feats, None
 
 
 def resize_clean(img):
@@ -245,8 +254,11 @@ def load_vae(spec, device):
     """A diffusers AutoencoderKL from a local folder (save_pretrained layout) or single file."""
     from diffusers.models import AutoencoderKL
 
+    from common.data import vae_kind
+
     if not os.path.exists(spec):
         raise SystemExit(f"--vae {spec}: no such folder (expected a local diffusers AutoencoderKL folder)")
+    vae_kind(spec)
     try:
         load = AutoencoderKL.from_pretrained if os.path.isdir(spec) else AutoencoderKL.from_single_file
         vae = load(spec, local_files_only=True)
@@ -370,6 +382,8 @@ def load_ref(path, dim):
         raise SystemExit(f"--fid-ref {path}: expected an .npz with arrays 'mu' and 'sigma' ({type(err).__name__}: {err})") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise SystemExit(f"--fid-ref {path}: mu {mu.shape}, sigma {sigma.shape} do not fit the {dim}-d features of the feature network")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise SystemExit(f"--fid-ref {path}: mu or sigma holds NaN or inf values (a broken reference file)")
     return mu, sigma
 
 
@@ -498,8 +512,11 @@ def score(args):
     from common.data import make_loader
     from common.dit import load, read_meta
 
-    if args.samples <= 0 or args.batch <= 0 or not args.steps or min(args.steps) <= 0:
-        raise SystemExit(f"--samples {args.samples} / --batch {args.batch} / --steps {args.steps}: expected positive integers")
+    if args.samples < 2 or args.batch <= 0 or not args.steps or min(args.steps) <= 0:
+        raise SystemExit(f"--samples {args.samples} / --batch {args.batch} / --steps {args.steps}: expected positive integers "
+                         "(at least 2 samples: a distance needs a covariance)")
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise SystemExit(f"--cfg-scale {args.cfg_scale}: expected a finite number")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise SystemExit(f"--device {args.device}: expected auto, cpu or cuda (with a GPU)")
@@ -512,8 +529,10 @@ def score(args):
     try:
         meta = read_meta(args.ckpt)
         net = load(args.ckpt, device=device).eval().requires_grad_(False)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        raise SystemExit(f"--ckpt {args.ckpt}: {str(err).splitlines()[0]}") from None
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:  # their text names the file too: once is enough
+        raise SystemExit(f"--ckpt {args.ckpt}: {str(err).splitlines()[0].replace(f'checkpoint {args.ckpt}: ', '')}") from None
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise SystemExit(f"--ckpt {args.ckpt}: the network's weights hold NaN or inf values (a diverged run?); nothing to score")
     config, dataset = meta["config"], args.dataset or meta.get("dataset")
     if dataset is None:
         raise SystemExit(f"--dataset: the checkpoint {args.ckpt} does not name its data set; pass --dataset")
@@ -529,6 +548,16 @@ def score(args):
     if tuple(shape) != tuple(info["shape"]) or config["num_classes"] != info["num_classes"]:
         raise SystemExit(f"--ckpt {args.ckpt}: network for data {shape} with {config['num_classes']} classes, but --dataset "
                          f"{dataset} has {tuple(info['shape'])} with {info['num_classes']}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{sampler}.json")
+    if rank == 0:  # before the evaluation, not after it
+        try:
+            probe = f"{os.path.splitext(out)[0]}.tmp{os.getpid()}.json"
+            open(probe, "w").close()
+            os.remove(probe)
+            if os.path.isdir(out):
+                raise IsADirectoryError(21, "a folder")
+        except OSError as err:
+            raise SystemExit(f"--out {out}: cannot write it ({err.strerror or err})") from None
     tic = time.perf_counter()
     ev = Evaluator(loader, args.samples, args.seed, device, args.vae, args.fid_ref, args.inception, args.batch)
     ref_s = time.perf_counter() - tic
@@ -537,9 +566,16 @@ def score(args):
                   world_size=world, fid_ref=args.fid_ref, note=ev.note, metrics=metrics, setup_s=ref_s,
                   sampling_s=time.perf_counter() - tic - ref_s)
     if rank == 0:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{sampler}.json")
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        tmp = f"{os.path.splitext(out)[0]}.tmp{os.getpid()}.json"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, out)
+        except OSError as err:
+            raise SystemExit(f"--out {out}: cannot write it ({err.strerror or err})") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(json.dumps(metrics))
         if ev.note:
             print(f"note: {ev.note}")
@@ -552,4 +588,4 @@ def score(args):
 if __name__ == "__main__":
     import tyro
 
-    score(tyro.cli(Score, args=sys.argv[1:]))
+    score(tyro.cli(Score, args=sys.argv[1:], prog="python -m common.eval"))

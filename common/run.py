@@ -20,24 +20,75 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 
+import numpy as np
 import torch
+from tqdm import tqdm
+
+
+def resume_arg(argv):
+    """The value of `--resume RUN` or `--resume=RUN` in argv (None when absent)."""
+    for i, a in enumerate(argv):
+        if a == "--resume" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--resume="):
+            return a[len("--resume="):]
+    return None
+
+
+def _field_ok(value, default):
+    """Whether an args.json value has the type of the field's default (None defaults take a string)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(_field_ok(v, default[0]) for v in value) if default else isinstance(value, (list, tuple))
+    return value is None or isinstance(value, str) if default is None or isinstance(default, str) else True
+
+
+def _saved_args(path, Args):
+    """(args.json of the run at `path`, its text, the args.json text the checkpoint recorded or None)."""
+    run = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    ckpt = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt):
+        return {}, None, None  # setup() names the missing checkpoint
+    name = os.path.join(run, "args.json")
+    if not os.path.isfile(name):
+        raise SystemExit(f"--resume {path}: no args.json in {run} (it holds the run's flags; restore it to resume)")
+    try:
+        text = open(name).read()
+        saved = json.loads(text)
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError) as err:
+        raise SystemExit(f"--resume {path}: {name} is not a JSON object of flags ({err or 'not a dict'})") from None
+    defaults = Args()
+    for k, v in saved.items():
+        if hasattr(defaults, k) and not _field_ok(v, getattr(defaults, k)):
+            raise SystemExit(f"--resume {path}: {name} has {k} = {v!r}, expected a {type(getattr(defaults, k)).__name__} "
+                             f"like {getattr(defaults, k)!r}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(ckpt, framework="pt") as f:
+            recorded = json.loads((f.metadata() or {}).get("state", "{}")).get("/args_json")
+    except Exception:  # noqa: BLE001 - a corrupt checkpoint is named by load_checkpoint
+        recorded = None
+    return saved, text, recorded
 
 
 def parse_args(Args):
-    """tyro.cli(Args), except that with `--resume RUN` the run's args.json gives the defaults.
-    Returns (args, overrides): the fields that differ from the resumed run's args.json."""
+    """tyro.cli(Args), except that with `--resume RUN` (or `--resume=RUN`) the run's args.json gives
+    the defaults. Returns (args, overrides): the fields that differ from the resumed run's args.json,
+    plus, when args.json was edited since the checkpoint, {"args.json": {field: [checkpoint's, now]}}."""
     import tyro
 
-    argv, saved = sys.argv[1:], {}
-    if "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-        path = argv[argv.index("--resume") + 1]
-        run = path if os.path.isdir(path) else os.path.dirname(path)
-        try:
-            saved = json.load(open(os.path.join(run, "args.json"))) if os.path.isfile(os.path.join(run, "args.json")) else {}
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"--resume {path}: unreadable args.json ({err})") from None
+    path = resume_arg(sys.argv[1:])
+    saved, text, recorded = _saved_args(path, Args) if path else ({}, None, None)
     fields = {f.name for f in dataclasses.fields(Args)}
     default = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields and k != "resume"})
     if "-h" in argv or "--help" in argv:
@@ -45,6 +96,9 @@ def parse_args(Args):
     args = tyro.cli(Args, default=default)
     overrides = {k: v for k, v in dataclasses.asdict(args).items() if k in saved and k not in ("resume", "out_dir")
                  and v != (tuple(saved[k]) if isinstance(saved[k], list) else saved[k])}
+    if recorded is not None and recorded != text:  # args.json edited by hand since the checkpoint: recorded, not hidden
+        was = json.loads(recorded)
+        overrides["args.json"] = {k: [was.get(k), saved.get(k)] for k in sorted({*was, *saved}) if was.get(k) != saved.get(k)}
     _check_generic(args)
     return args, overrides
 
@@ -77,7 +131,23 @@ def _help(Args, default):
 
 
 def _check_generic(args):
-    """The generic flags every method file shares (its own flags are checked in the file)."""
+    """The generic flags every method file shares (its own flags are checked in the file), and one
+    check for every float field of the file: finite and within float32 (1e39 overflows in AdamW)."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, float) and not (math.isfinite(x) and abs(x) < 3e38):
+                raise SystemExit(f"--{f.name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
+                                 "expected a finite number (within float32's range)")
+    for f in dataclasses.fields(args):  # an interval [x_min, x_max]: an empty one would silently switch a feature off
+        lo, hi = f.name, f.name[:-4] + "_max"
+        if lo.endswith("_min") and hasattr(args, hi) and getattr(args, lo) > getattr(args, hi):
+            raise SystemExit(f"--{lo.replace('_', '-')} {getattr(args, lo)} > --{hi.replace('_', '-')} {getattr(args, hi)}: "
+                             "expected min <= max")
+    if args.eval_samples < 2:
+        raise SystemExit(f"--eval-samples {args.eval_samples}: expected at least 2 (a distance needs a covariance)")
+    if not 0 <= args.seed < 2**31:
+        raise SystemExit(f"--seed {args.seed}: expected an integer in [0, 2^31)")
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_samples", "eval_batch", "ckpt_every",
                  "hidden", "depth", "heads", "patch_size"):
         if getattr(args, name) <= 0:
@@ -139,13 +209,18 @@ def setup(args, method):
             os.remove(probe)
         except OSError as err:
             raise SystemExit(f"--out-dir {args.out_dir}: cannot write the run folder {run_dir} ({err.strerror})") from None
-        for stale in glob.glob(os.path.join(run_dir, "*.tmp*")):  # left by a killed write
-            os.remove(stale)
     return rank, world, device, run_dir, ckpt_path
 
 
 def check_net(args, info):
-    """The DiT's shape constraints, named by flag (before a ValueError from inside the network)."""
+    """The DiT's shape constraints, named by flag (before a ValueError from inside the network), and
+    the evaluation flags that the data set would ignore."""
+    latent = "mean" in info or args.dataset == "imagenet-latent"
+    used = {"vae": latent, "inception": info["kind"] == "image" and args.dataset != "mnist", "fid_ref": info["kind"] == "image"}
+    for name, ok in used.items():
+        if getattr(args, name) is not None and not ok:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: --dataset {args.dataset} does not use it "
+                             f"({'mnist is scored by its own digit CNN' if args.dataset == 'mnist' and name == 'inception' else 'only for ' + ('latent' if name == 'vae' else 'image') + ' data'}); drop the flag")
     if info["kind"] == "image" and (info["shape"][1] % args.patch_size or args.hidden % args.heads or (args.hidden // args.heads) % 2
                                     or args.hidden % 4):
         raise SystemExit(f"--patch-size {args.patch_size} / --heads {args.heads} / --hidden {args.hidden}: the image side "
@@ -170,7 +245,7 @@ def load_checkpoint(path, method, args, config):
         diff = {k: (state["config"].get(k), config.get(k)) for k in config if state["config"].get(k) != config.get(k)}
         raise SystemExit(f"--resume {path}: the checkpoint's network differs in {diff} (checkpoint, requested); "
                          "a resumed run keeps its network: drop those flags")
-    if state["step"] >= args.steps:
+    if state["step"] > args.steps or (state["step"] == args.steps and not undone(os.path.dirname(path) or ".", args.steps, args)):
         print(f"--resume {path}: the run is already at step {state['step']} >= --steps {args.steps}; nothing to do, nothing changed")
         sys.exit(0)
     return state
@@ -212,31 +287,153 @@ def mean_terms(terms):
     return {k: flat[i].to(torch.as_tensor(v).dtype) for i, (k, v) in enumerate(out.items())}
 
 
-class RunLog:
-    """metrics.jsonl (and TensorBoard / W&B when asked). On resume, rows after the checkpoint
-    are dropped and a torn last line (a kill mid-write) is dropped with a warning; args.json is
-    written for a new run only, and the overrides of a resumed run are logged as a row."""
+def read_rows(path, strict=False):
+    """The rows of a metrics.jsonl; a torn last line (a kill mid-write) is dropped with a warning."""
+    rows, lines = [], open(path).read().splitlines() if os.path.exists(path) else []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1 and strict:
+                raise SystemExit(f"{path}: line {i + 1} is not JSON (only a torn last line is dropped)") from None
+            if strict:
+                warnings.warn(f"{path}: dropped a torn last line (a kill mid-write)")
+    return rows
 
-    def __init__(self, args, run_dir, step, overrides, enabled=True):
-        self.path, self.enabled, self.writer = os.path.join(run_dir, "metrics.jsonl"), enabled, None
-        if not enabled:
-            return
-        rows = []
-        if args.resume and os.path.exists(self.path):
-            lines = open(self.path).read().splitlines()
-            for i, line in enumerate(lines):
+
+def is_eval_row(row):
+    """The row of a method file's evaluation (`eval_s`; older runs: metric@K keys without a sampler suffix)."""
+    return "eval_s" in row or ("loss" not in row and "resumed_with" not in row and
+                               any("@" in k and "_" not in k.split("@")[1] for k in row))
+
+
+def undone(run_dir, step, args, rows=None):
+    """What a kill at the checkpoint of `step` left undone in the run folder: the evaluation of
+    that step ("eval": its metrics row, "grid": samples_<step>.png), the published model ("model":
+    missing or older than the checkpoint) and, at the last step, "samples" (samples.png, a copy of
+    the last grid) and "summary" (summary.json of this step)."""
+    from common.dit import read_meta
+
+    rows = read_rows(os.path.join(run_dir, "metrics.jsonl")) if rows is None else rows
+    todo, grid = set(), os.path.join(run_dir, f"samples_{step:07d}.png")
+    if step % args.eval_every == 0 or step == args.steps:
+        if not any(r.get("step") == step and is_eval_row(r) for r in rows):
+            todo.add("eval")
+        if not os.path.isfile(grid):
+            todo.add("grid")
+    try:
+        if read_meta(os.path.join(run_dir, "model.safetensors")).get("step", -1) < step:
+            todo.add("model")
+    except (OSError, ValueError):
+        todo.add("model")
+    if step == args.steps:
+        same = lambda a, b: os.path.isfile(a) and os.path.isfile(b) and open(a, "rb").read() == open(b, "rb").read()
+        if not same(grid, os.path.join(run_dir, "samples.png")):
+            todo.add("samples")
+        try:
+            if json.load(open(os.path.join(run_dir, "summary.json")))["steps"] != step:
+                todo.add("summary")
+        except (OSError, ValueError, KeyError, TypeError):
+            todo.add("summary")
+    return todo
+
+
+def write_atomic(path, write):
+    """write(tmp) into a temporary file beside `path` (same extension), then os.replace: a reader
+    never sees a torn file, and a kill leaves only a *.tmp* file (removed at the next start)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def take_lock(run_dir):
+    """<run>/run.lock holds the PID (and host) of the process writing the run folder; a second
+    run there is refused, a lock of a process that is gone (same host) is taken over. Removed at exit."""
+    import atexit
+    import socket
+
+    path, me = os.path.join(run_dir, "run.lock"), f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid, host = (open(path).read().split() + ["", ""])[:2]
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, host = 0, socket.gethostname()  # torn or emptied: nobody can own it
+            alive = pid == os.getpid() and host == socket.gethostname()  # this process (a test running files in-process)
+            if host == socket.gethostname() and pid > 0 and pid != os.getpid():
                 try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    if i < len(lines) - 1:
-                        raise SystemExit(f"{self.path}: line {i + 1} is not JSON (only a torn last line is dropped)") from None
-                    warnings.warn(f"{self.path}: dropped a torn last line (a kill mid-write)")
-        with open(self.path + ".tmp", "w") as f:  # on resume keep only the rows up to the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        os.replace(self.path + ".tmp", self.path)
+                    os.kill(pid, 0)
+                    alive = None  # another live process
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    alive = None
+            if alive is None or host != socket.gethostname():
+                raise SystemExit(f"{run_dir}: another run (PID {pid} on {host}) is writing into this folder; wait for it to end, "
+                                 f"or delete {path} if that process is gone") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale (its process is gone) or ours
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError as err:
+            os.remove(path)
+            raise SystemExit(f"cannot write {path} ({err.strerror or err}); files written before are kept") from None
+        break
+    else:
+        raise SystemExit(f"{run_dir}: cannot take the lock {path}")
+
+    def release():
+        with contextlib.suppress(OSError):
+            if open(path).read() == me:
+                os.remove(path)
+
+    atexit.register(release)
+    return release
+
+
+class Run:
+    """The run folder while a method file trains (rank 0 writes): its lock, metrics.jsonl (and
+    TensorBoard / W&B when asked), the checkpoint, the evaluations, the summary and what a kill left
+    undone. On resume, rows after the checkpoint are dropped, a torn last line is dropped with a
+    warning, the overrides (and a hand edit of args.json) are logged as a `resumed_with` row;
+    args.json is written for a new run only.
+
+    Order of the files of a step, so that a kill at any moment is finished by `--resume RUN`:
+    model.safetensors, then ckpt.safetensors (the model is never older than the checkpoint); then
+    the evaluation: grid samples_<step>.png, samples.png at the end, then its metrics row (with
+    `eval_s`); summary.json last. At start-up, what the checkpoint's step lacks (see `undone`) is
+    redone before training goes on: the same numbers as an uninterrupted run. Every file is written
+    atomically; metrics.jsonl is appended (a torn last line is dropped on resume)."""
+
+    def __init__(self, args, method, run_dir, step, wall0, overrides, rank=0):
+        self.args, self.method, self.dir, self.rank, self.step, self.wall0 = args, method, run_dir, rank, step, wall0
+        _ARGS.append(args)
+        self.path, self.writer, self.wandb, self.release = os.path.join(run_dir, "metrics.jsonl"), None, None, None
+        self.times, self.last, self.metrics, self.ckpt_step, self.t0 = [], {}, {}, step if args.resume else None, time.time()
+        self.rows = [r for r in read_rows(self.path, strict=rank == 0) if r["step"] <= step] if args.resume else []
+        self.todo = undone(run_dir, step, args, self.rows) if args.resume else set()
+        args_json = os.path.join(run_dir, "args.json")
+        self.args_json = open(args_json).read() if args.resume and os.path.isfile(args_json) else json.dumps(dataclasses.asdict(args), indent=1)
+        sys.excepthook = self._excepthook
+        if rank != 0:
+            return
+        self.release = take_lock(run_dir)
+        for stale in glob.glob(os.path.join(run_dir, "*.tmp*")):  # left by a killed write
+            os.remove(stale)
+        self._write(lambda: write_atomic(self.path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in self.rows)),
+                    "metrics.jsonl")  # on resume keep only the rows up to the checkpoint
         if not args.resume:
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=1)
+            self._write(lambda: write_atomic(args_json, lambda tmp: open(tmp, "w").write(self.args_json)), "args.json")
         elif overrides:
             self.log({"step": step, "resumed_with": overrides})
         if args.tensorboard:
@@ -249,43 +446,161 @@ class RunLog:
             self.wandb = wandb
             wandb.init(project=args.wandb_project, name=f"{args.exp_name}-{args.dataset}-{args.seed}", config=dataclasses.asdict(args))
 
+    def _write(self, fn, what):
+        return write_files(fn, f"{what} in {self.dir}")
+
     def log(self, row):
-        if not self.enabled:
+        if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        self._write(lambda: open(self.path, "a").write(line), "metrics.jsonl")
         for k, v in row.items():
             if self.writer is not None and isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(k, v, row["step"])
-        if getattr(self, "wandb", None):
+        if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+    def evaluates(self, metrics_fn, grid_fn, note=None):
+        """metrics_fn() evaluates (called on every rank), grid_fn(path) draws the sample grid; `note`
+        says why a metric is skipped."""
+        self.metrics_fn, self.grid_fn, self.note = metrics_fn, grid_fn, note
+
+    def saves(self, model_fn, state_fn):
+        """model_fn(path) writes model.safetensors (the EMA network); state_fn() is the training state
+        (networks, optimizers, data stream) as a dict for ckpt.safetensors."""
+        self.model_fn, self.state_fn = model_fn, state_fn
+
+    def start(self, fwd_time, net):
+        """Before the loop: what a kill at the checkpoint's step left undone, redone as it would have been."""
+        self.fwd_time, self.params, self.t0 = fwd_time, sum(p.numel() for p in net.parameters()), time.time()
+        if "model" in self.todo and self.rank == 0:
+            self._write(lambda: self.model_fn(os.path.join(self.dir, "model.safetensors")), "model.safetensors")
+        if self.step == self.args.steps:  # the summary's rows, as an uninterrupted run holds them
+            at = [r for r in self.rows if r["step"] == self.step]
+            self.last = next((r for r in at[::-1] if "loss" in r), {})
+            self.metrics = next(({k: v for k, v in r.items() if k not in ("step", "eval_s")} for r in at[::-1] if is_eval_row(r)), {})
+        if self.todo & {"eval", "grid", "samples"}:
+            self.evaluate(self.step, metrics="eval" in self.todo)
+
+    def wall_time(self):
+        return self.wall0 + time.time() - self.t0
+
+    def log_step(self, step, terms, lr, sec, bar):
+        """Every --log-every steps and at the last: the row of this step's terms, lr and cost."""
+        self.step = step
+        self.times.append(sec)
+        if step % self.args.log_every == 0 or step == self.args.steps:
+            med = float(np.median(self.times[-self.args.log_every:]))
+            self.last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": lr, "sec_per_step": med,
+                         "fpe": med / (self.fwd_time * self.args.grad_accum)}
+            bar.set_postfix(loss=f"{self.last['loss']:.4f}", fpe=f"{self.last['fpe']:.1f}")
+            self.log(self.last)
+
+    def checkpoint(self, step):
+        """model.safetensors first, then ckpt.safetensors (atomic each)."""
+        if self.rank == 0:
+            from common.dit import save_state
+
+            self._write(lambda: self.model_fn(os.path.join(self.dir, "model.safetensors")), "model.safetensors")
+            state = {"method": self.method, "dataset": self.args.dataset, "step": step, **self.state_fn(),
+                     "wall_time_s": self.wall_time(), "args_json": self.args_json}
+            self._write(lambda: save_state(state, os.path.join(self.dir, "ckpt.safetensors")), "the checkpoint")
+        self.ckpt_step = step
+
+    def evaluate(self, step, metrics=True):
+        """Metrics (every rank), then rank 0: the grid samples_<step>.png, samples.png at the last
+        step, then the metrics row. metrics=False: only the files (the row exists)."""
+        tic = time.time()
+        if metrics:
+            self.metrics = self.metrics_fn()
+        if self.rank != 0:
+            return
+        grid = os.path.join(self.dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
+        if metrics or not os.path.isfile(grid):
+            self._write(lambda: write_atomic(grid, self.grid_fn), os.path.basename(grid))
+        if step == self.args.steps:
+            self._write(lambda: write_atomic(os.path.join(self.dir, "samples.png"), lambda tmp: copy_file(grid, tmp)), "samples.png")
+        if metrics:
+            self.log({"step": step, **self.metrics, "eval_s": time.time() - tic})
+            tqdm.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()) or "no metrics")
+                       + (f" ({self.note})" if self.note else ""))
+
+    def finish(self, device, world):
+        """summary.json (atomic) when this process trained or the summary is missing; releases the lock."""
+        import platform
+
+        if self.rank == 0 and (self.times or "summary" in self.todo):
+            rows = [r["sec_per_step"] for r in self.rows if "sec_per_step" in r]
+            sec = float(np.median(self.times or rows or [math.nan]))
+            args = self.args
+            summary = {"method": self.method, "dataset": args.dataset, "seed": args.seed, "steps": self.step,
+                       "wall_time_s": self.wall_time(), "sec_per_step": sec, "fwd_time_s": self.fwd_time,
+                       "fpe": sec / (self.fwd_time * args.grad_accum), "params": self.params,
+                       "final": {**self.last, **self.metrics}, "world_size": world,
+                       "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
+                                    "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
+                                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                       "command": " ".join(sys.argv)}
+            self._write(lambda: write_atomic(os.path.join(self.dir, "summary.json"),
+                                             lambda tmp: json.dump(summary, open(tmp, "w"), indent=1)), "summary.json")
+            print(f"done: {self.dir}/summary.json, samples.png, metrics.jsonl")
+        if self.release:
+            self.release()
+        sys.excepthook = sys.__excepthook__
+
+    def _excepthook(self, kind, err, tb):
+        """Ctrl-C and out-of-memory as one line; anything else as Python prints it."""
+        kept = (f"the checkpoint of step {self.ckpt_step} is kept" if self.ckpt_step is not None else "no checkpoint was written yet")
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted at step {self.step}; {kept}; continue with --resume {self.dir}", file=sys.stderr)
+        elif issubclass(kind, torch.OutOfMemoryError) or (issubclass(kind, RuntimeError) and "can't allocate memory" in str(err)):
+            print(f"out of memory at step {self.step} ({(str(err).splitlines() or [''])[0][:160]}); lower --batch-size, raise "
+                  f"--grad-accum or pass --grad-ckpt; {kept}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, err, tb)
+
+
+GENERIC = {"exp_name", "seed", "dataset", "data_root", "download", "out_dir", "steps", "batch_size", "grad_accum", "lr", "adam_betas",
+           "weight_decay", "warmup", "grad_clip", "ema_decay", "hidden", "depth", "heads", "patch_size", "qk_norm", "dropout",
+           "label_dropout", "precision", "tf32", "grad_ckpt", "log_every", "eval_every", "eval_samples", "eval_batch", "eval_steps",
+           "vae", "inception", "fid_ref", "ckpt_every", "resume", "track", "wandb_project", "tensorboard", "device"}
+_ARGS = []  # the running file's args (set by Run), for the NaN guard's message
 
 
 def stop_if_nonfinite(terms, step, run_dir):
-    """The NaN guard: one device sync per step. Stops before a bad update reaches the weights."""
+    """The NaN guard: one device sync per step. Stops before a bad update reaches the weights, naming
+    the non-finite terms and the flags that feed the loss (the method's own, --lr, the teacher, the data)."""
     dev = next((v.device for v in terms.values() if torch.is_tensor(v)), "cpu")
     vals = [torch.as_tensor(v, dtype=torch.float32, device=dev).detach().reshape(()) for v in terms.values()]
     if bool(torch.isfinite(torch.stack(vals)).all()):
         return
+    bad = {k: float(v) for k, v in terms.items() if not math.isfinite(float(v))}
     kept = (f"the last good checkpoint is kept in {run_dir}" if os.path.exists(os.path.join(run_dir, "ckpt.safetensors"))
-            else "no checkpoint was written yet; check the data (--data-root) and --lr")
-    raise SystemExit(f"step {step}: non-finite loss or gradient {({k: float(v) for k, v in terms.items()})}; {kept}")
+            else "no checkpoint was written yet")
+    feeds = "--lr and the data (--data-root)"
+    if _ARGS:
+        args = _ARGS[-1]
+        own = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)}" for f in dataclasses.fields(args) if f.name not in GENERIC]
+        feeds = (f"the loss terms' flags ({', '.join(f for f in own if not f.startswith('--teacher')) or 'none'}), --lr {args.lr}, "
+                 + (f"the teacher (--teacher {args.teacher}: are its outputs finite?), " if hasattr(args, "teacher") else "")
+                 + f"the data (--dataset {args.dataset}, --data-root {args.data_root})")
+    raise SystemExit(f"step {step}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())} "
+                     f"(terms {({k: round(float(v), 6) for k, v in terms.items()})}); check {feeds}; {kept}")
 
 
 def write_files(fn, what):
     """Runs a writer; a full disk or a read-only folder becomes one line (what is saved stays)."""
+    from safetensors import SafetensorError
+
     try:
         return fn()
     except OSError as err:
         raise SystemExit(f"cannot write {what} ({err.strerror or err}); files written before are kept") from None
+    except SafetensorError as err:  # safetensors' own error for a full disk (not an OSError)
+        why = "No space left on device" if "StorageFull" in str(err) or "No space" in str(err) else str(err).splitlines()[0][:160]
+        raise SystemExit(f"cannot write {what} ({why}); files written before are kept") from None
 
 
-def copy_atomic(src, dst):
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        with open(src, "rb") as a, open(tmp, "wb") as b:
-            b.write(a.read())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def copy_file(src, dst):
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        b.write(a.read())

@@ -47,24 +47,20 @@ Run:        python methods/dmd2.py                      (gmm, teacher results/fm
 Reference:  results/dmd2/<dataset>/ (teacher: results/fm/<dataset>/model.safetensors), curves in results/curves_mnist.png
 """
 import copy
-import json
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.data import make_loader
-from common.dit import DiT, MLP, load_teacher, save, save_state
+from common.dit import DiT, MLP, load_teacher, save
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (RunLog, check_net, copy_atomic, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
-                        stop_if_nonfinite, write_files)
+from common.run import (Run, check_net, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
+                        stop_if_nonfinite)
 
 
 @dataclass
@@ -323,38 +319,26 @@ if __name__ == "__main__":
         step, wall0 = state["step"], state["wall_time_s"]
 
     # ---- logging
-    log = RunLog(args, run_dir, step, overrides, enabled=rank == 0).log
+    run = Run(args, method, run_dir, step, wall0, overrides, rank)  # the folder's lock, metrics.jsonl, what a kill left undone
+    log = run.log
 
     # ---- evaluation
     evaluator = Evaluator(loader, args.eval_samples, args.seed, device=device, vae=args.vae, fid_ref=args.fid_ref,
                           inception=args.inception, batch=args.eval_batch)
-
-    def evaluate(final=False):  # every rank samples its share; rank 0 draws the grid
-        metrics = evaluator(sample_fn, args.eval_steps)
-        path = os.path.join(run_dir, f"samples_{step:07d}.png")  # kept, also when a resumed run goes on
-        if rank == 0:
-            write_files(lambda: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), path)
-            if final:
-                write_files(lambda: copy_atomic(path, os.path.join(run_dir, "samples.png")), "samples.png")
-        return metrics
+    run.evaluates(lambda: evaluator(sample_fn, args.eval_steps),  # every rank samples its share; rank 0 draws the grid
+                  lambda path: save_grid(sample_fn, loader, args.eval_steps, path, args.seed, decode=evaluator.decode), evaluator.note)
 
     # ---- checkpoint
-    def checkpoint():
-        if rank == 0:
-            write_files(lambda: save_state({"method": method, "dataset": args.dataset, "config": net.config, "step": step,
-                                            **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict(),
-                                            "wall_time_s": wall0 + time.time() - start}, os.path.join(run_dir, "ckpt.safetensors")),
-                        f"the checkpoint in {run_dir}")
-            write_files(lambda: save(ema, os.path.join(run_dir, "model.safetensors"), dataset=args.dataset, method=method, step=step),
-                        f"model.safetensors in {run_dir}")
+    run.saves(lambda path: save(ema, path, dataset=args.dataset, method=method, step=step),
+              lambda: {"config": net.config, **{k: m.state_dict() for k, m in saved.items()}, "loader": loader.state_dict()})
 
     # ---- cost: one forward pass of the same network on a training micro-batch
     x0, y0 = loader.sample(args.batch_size // (world * args.grad_accum), torch.Generator().manual_seed(args.seed))
     with amp:
         fwd_time = time_forward(net, x0.to(device), y0.to(device))
+    run.start(fwd_time, net)  # first redoes what a kill at the resumed step left undone (its evaluation, the model)
 
     # ---- training loop
-    start, step_times, last, metrics = time.time(), [], {}, {}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.steps:
         tic = time.perf_counter()
@@ -404,36 +388,16 @@ if __name__ == "__main__":
                 torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
-        step_times.append(time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            sec = float(np.median(step_times[-args.log_every:]))
-            last = {"step": step, **{k: float(v) for k, v in terms.items()}, "lr": opt.param_groups[0]["lr"],
-                    "sec_per_step": sec, "fpe": sec / (fwd_time * args.grad_accum)}
-            bar.set_postfix(loss=f"{last['loss']:.4f}", fpe=f"{last['fpe']:.1f}")
-            log(last)
+        run.log_step(step, terms, opt.param_groups[0]["lr"], time.perf_counter() - tic, bar)  # every --log-every steps, the last
         if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()  # before the evaluation: a crash there loses nothing
+            run.checkpoint(step)  # model.safetensors, then ckpt.safetensors: the model is never older
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(final=step == args.steps)
-            log({"step": step, **metrics})
-            if rank == 0:
-                bar.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no metrics")
-                          + (f" ({evaluator.note})" if evaluator.note else ""))
+            run.evaluate(step)  # after the checkpoint: --resume redoes an evaluation that a kill interrupted
     bar.close()
 
     # ---- summary
-    if rank == 0 and step_times:
-        sec = float(np.median(step_times))
-        summary = {"method": method, "dataset": args.dataset, "seed": args.seed, "steps": step, "wall_time_s": wall0 + time.time() - start,
-                   "sec_per_step": sec, "fwd_time_s": fwd_time, "fpe": sec / (fwd_time * args.grad_accum),
-                   "params": sum(p.numel() for p in net.parameters()), "final": {**last, **metrics}, "world_size": world,
-                   "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
-                                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-                   "command": " ".join(sys.argv)}
-        write_files(lambda: json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=1), "summary.json")
-        print(f"done: {run_dir}/summary.json, samples.png, metrics.jsonl")
+    run.finish(device, world)  # summary.json; frees the folder's lock
     if world > 1:
         torch.distributed.destroy_process_group()

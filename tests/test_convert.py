@@ -259,3 +259,59 @@ def test_converted_teacher_drives_distillation(tiny_set, tmp_path, method):
                "--eval-every", 2, "--eval-samples", 8, "--ckpt-every", 2, "--out-dir", tmp_path)
     summary = json.loads((tmp_path / method / "imagenet-latent" / "summary.json").read_text())
     assert summary["steps"] == 2
+
+
+# ---------------------------------------------------------------- the command line, in-process (issue 22)
+def convert_main(tmp_path, *flags):
+    """common.convert's command line run in this process: (exit code, the last line it printed)."""
+    import contextlib
+    import io
+
+    from common.convert import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(f) for f in flags])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            print(e.code if isinstance(e.code, str) else "", file=sys.stderr)
+    text = (out.getvalue() + err.getvalue()).strip().splitlines()
+    return code, text[-1] if text else ""
+
+
+@pytest.mark.parametrize("source,channels,param", [("dit", 2 * C, "eps_ddpm"), ("sit", 2 * C, "v_flip"), ("repa", C, "v")])
+def test_every_source_converts_from_the_command_line(tmp_path, source, channels, param):
+    torch.save({"ema": to_original(diffusers_dit(channels))}, tmp_path / "in.pt")
+    code, line = convert_main(tmp_path, "--from", source, "--ckpt", tmp_path / "in.pt", "--out", tmp_path / "o.safetensors", "--heads", HEADS)
+    assert code == 0 and line.startswith(f"wrote {tmp_path / 'o.safetensors'}") and f"param {param}" in line, line
+    assert load(tmp_path / "o.safetensors").config.get("param", "v") == param
+
+
+def sd_without(key):
+    sd = to_original(diffusers_dit(2 * C))
+    del sd[key]
+    return sd
+
+
+@pytest.mark.parametrize("case,flags,needle", [
+    ("same file", ["--out", "{ckpt}"], "--out {ckpt}: is --ckpt"),
+    ("missing key", [], "no t_embedder.mlp.0.weight"),
+    ("--heads 3", ["--heads", 3], "--heads 3: does not fit"),
+    ("read-only out", ["--out", "/proc/cleanflow/o.safetensors"], "--out /proc/cleanflow/o.safetensors: cannot write"),
+    ("out under a file", ["--out", "{ckpt}/o.safetensors"], "cannot write"),
+    ("misspelled flag", ["--frm", "dit"], "unrecognized arguments: --frm"),
+    ("failed data check", ["--data-root", "{tmp}/no_shards"], "no_shards"),
+])
+def test_convert_refuses_in_one_line_and_writes_nothing(tmp_path, case, flags, needle):
+    ckpt, out = tmp_path / "in.pt", tmp_path / "o.safetensors"
+    torch.save({"ema": sd_without("t_embedder.mlp.0.weight") if case == "missing key" else to_original(diffusers_dit(2 * C))}, ckpt)
+    before = ckpt.read_bytes()
+    fill = lambda s: str(s).replace("{ckpt}", str(ckpt)).replace("{tmp}", str(tmp_path))
+    base = {"--from": "dit", "--ckpt": ckpt, "--out": out, "--heads": HEADS}
+    for k, v in zip(flags[::2], flags[1::2]):
+        base.pop("--from" if k == "--frm" else k, None)
+        base[k] = fill(v)
+    code, line = convert_main(tmp_path, *[x for kv in base.items() for x in kv])
+    assert code != 0 and fill(needle) in line and "Traceback" not in line, line
+    assert ckpt.read_bytes() == before and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
