@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import common.eval
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from common.data import Loader, default_gmm
@@ -34,7 +35,8 @@ def grad_norm(net):
 
 
 def run_loop(script, flags, nets, keys=(), tmp_path=None):
-    """Runs a method file as `python <script> <flags>` in this process (runpy; a tiny gmm run) and records
+    """Runs a method file as `python <script> <flags>` in this process (runpy; a tiny gmm run, its evaluation
+    stubbed out) and records
     what its loop does, read from the file's own globals: every data batch ("batch": x, y), after every backward() ("backward"), and
     before / after every optimizer step ("pre" / "post", with the optimizer's global name), the step,
     the globals named in `keys`, the summed |grad| of each net named in `nets` and a copy of its weights."""
@@ -72,11 +74,15 @@ def run_loop(script, flags, nets, keys=(), tmp_path=None):
     sys.argv = [path, *map(str, flags), "--out-dir", str(tmp_path), "--eval-every", 10**6, "--eval-samples", 100,
                 "--eval-steps", 1, "--ckpt-every", 10**6, "--log-every", 10**6]
     sys.argv = list(map(str, sys.argv))
+    # the evaluation and its grid are not what is recorded: an empty grid file and no metrics (seconds saved)
+    evaluate, grid = common.eval.Evaluator.__call__, common.eval.save_grid
+    common.eval.Evaluator.__call__, common.eval.save_grid = lambda self, fn, steps: {}, lambda fn, loader, steps, path, *a, **k: open(path, "wb").close()
     torch.Tensor.backward, Loader.__next__ = recording_backward, recording_next
     try:
         runpy.run_path(path, run_name="__main__")
     finally:
         torch.Tensor.backward, Loader.__next__ = backward, next_batch
+        common.eval.Evaluator.__call__, common.eval.save_grid = evaluate, grid
         sys.argv = argv
         for h in handles:
             h.remove()
