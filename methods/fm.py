@@ -179,7 +179,7 @@ def sample(net, e, y, steps, null, w=1.0, sampler="euler"):
         if sampler == "heun" and k < steps - 1:
             x_s = x - (ts[k] - ts[k + 1]) * v
             v = 0.5 * (v + velocity(net, x_s, s, y, null, w))
-        x = x - (ts[k] - ts[k + 1]) * v
+        x = x + (ts[k] - ts[k + 1]) * v
     return x
 
 
