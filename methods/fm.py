@@ -164,7 +164,7 @@ def velocity(net, x, t, y, null, w):
     if w == 1.0:
         return net(x, t, t, y)
     v = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-    v_c, v_u = v.chunk(2)
+    v_u, v_c = v.chunk(2)
     return v_u + w * (v_c - v_u)
 
 
@@ -179,7 +179,7 @@ def sample(net, e, y, steps, null, w=1.0, sampler="euler"):
         if sampler == "heun" and k < steps - 1:
             x_s = x - (ts[k] - ts[k + 1]) * v
             v = 0.5 * (v + velocity(net, x_s, s, y, null, w))
-        x = x + (ts[k] - ts[k + 1]) * v
+        x = x - (ts[k] - ts[k + 1]) * v
     return x
 
 
