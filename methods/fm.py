@@ -164,7 +164,7 @@ def velocity(net, x, t, y, null, w):
     if w == 1.0:
         return net(x, t, t, y)
     v = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-    v_u, v_c = v.chunk(2)
+    v_c, v_u = v.chunk(2)
     return v_u + w * (v_c - v_u)
 
 
@@ -278,7 +278,7 @@ if __name__ == "__main__":
         stop_if_nonfinite(terms, step, run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
+        torch._foreach_lerp_(list(net.parameters()), list(ema.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)

@@ -221,10 +221,11 @@ def test_bad_teachers(tmp_path):
 # ---------------------------------------------------------------- the loop, in this process
 @pytest.fixture(scope="module")
 def gan_loop(tmp_path_factory):
-    """6 steps of the GAN run on gmm (oracle teacher), --ttur 3: generator turns at steps 2 and 5."""
-    flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 6, "--ttur", 3, "--gan-weight", 0.5,
-             "--lr", 1e-2, "--grad-clip", 0]
-    return run_loop(SCRIPT, flags, ["net", "fake", "disc"], keys=("gen_turn",), tmp_path=tmp_path_factory.mktemp("dmd2_loop"))
+    """7 steps of the GAN run on gmm (oracle teacher), --ttur 3: generator turns at steps 2 and 5; an EMA of the
+    generator at decay 0.5 (--eval-ema)."""
+    flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 7, "--ttur", 3, "--gan-weight", 0.5,
+             "--lr", 1e-2, "--grad-clip", 0, "--eval-ema", "--ema-decay", 0.5]
+    return run_loop(SCRIPT, flags, ["net", "fake", "disc", "ema"], keys=("gen_turn",), tmp_path=tmp_path_factory.mktemp("dmd2_loop"))
 
 
 def test_generator_turn_leaves_no_gradient_in_the_fake_net_or_the_discriminator(gan_loop):
@@ -244,15 +245,18 @@ def test_generator_turn_leaves_no_gradient_in_the_fake_net_or_the_discriminator(
 
 def test_two_time_scale_rule_and_each_net_by_its_own_optimizer(gan_loop):
     # --ttur 3: the fake net and the discriminator step every step, the generator only on steps 2 and 5; the
-    # weights of a net change only inside its own optimizer's step
+    # weights of a net change only inside its own optimizer's step; the EMA right after the generator's, toward it
     steps = [(ev["opt"], ev["step"]) for ev in gan_loop if ev["kind"] == "post"]
     assert steps == [("opt_fake", 0), ("opt_fake", 1), ("opt_fake", 2), ("opt", 2), ("opt_fake", 3), ("opt_fake", 4),
-                     ("opt_fake", 5), ("opt", 5)], steps
+                     ("opt_fake", 5), ("opt", 5), ("opt_fake", 6)], steps
     own = {"opt": {"net"}, "opt_fake": {"fake", "disc"}}
     evs = [ev for ev in gan_loop if ev["kind"] != "batch"]
     for a, b in zip(evs, evs[1:]):
         moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
         if a["kind"] == "pre":
             assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
+        elif a["kind"] == "post" and a["opt"] == "opt":
+            ema, net = a["w"]["ema"], a["w"]["net"]
+            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.5 * (net - ema), atol=1e-6), a["step"]
         else:
             assert not moved, (a["kind"], b["kind"], a["step"], moved)
