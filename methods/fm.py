@@ -278,7 +278,7 @@ if __name__ == "__main__":
         stop_if_nonfinite(terms, step, run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(net.parameters()), list(ema.parameters()), 1 - args.ema_decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step_times.append(time.perf_counter() - tic)

@@ -75,14 +75,16 @@ def run_loop(script, flags, nets, keys=(), tmp_path=None):
                 "--eval-steps", 1, "--ckpt-every", 10**6, "--log-every", 10**6]
     sys.argv = list(map(str, sys.argv))
     # the evaluation and its grid are not what is recorded: an empty grid file and no metrics (seconds saved)
-    evaluate, grid = common.eval.Evaluator.__call__, common.eval.save_grid
-    common.eval.Evaluator.__call__, common.eval.save_grid = lambda self, fn, steps: {}, lambda fn, loader, steps, path, *a, **k: open(path, "wb").close()
+    stubbed = common.eval.Evaluator.__init__, common.eval.Evaluator.__call__, common.eval.save_grid
+    common.eval.Evaluator.__init__ = lambda self, *a, **k: self.__dict__.update(note="", decode=None)
+    common.eval.Evaluator.__call__ = lambda self, fn, steps: {}
+    common.eval.save_grid = lambda fn, loader, steps, path, *a, **k: open(path, "wb").close()
     torch.Tensor.backward, Loader.__next__ = recording_backward, recording_next
     try:
         runpy.run_path(path, run_name="__main__")
     finally:
         torch.Tensor.backward, Loader.__next__ = backward, next_batch
-        common.eval.Evaluator.__call__, common.eval.save_grid = evaluate, grid
+        common.eval.Evaluator.__init__, common.eval.Evaluator.__call__, common.eval.save_grid = stubbed
         sys.argv = argv
         for h in handles:
             h.remove()
@@ -192,16 +194,16 @@ def test_sampler_passes_the_guidance_scale():
 
 
 def test_euler_and_heun_converge_to_the_exact_endpoint_at_their_orders():
-    # error of K steps against the exact ODE endpoint f*(e, 1, 0) (RK4, 400 steps); doubling K divides
+    # error of K steps against the exact ODE endpoint f*(e, 1, 0) (RK4, 200 steps); doubling K divides
     # Euler's error by ~2 (order 1) and Heun's by ~4 (order 2: the last step is Euler, still O(h^2) locally)
-    e = torch.randn(400, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y = torch.full((400,), NULL)
-    exact = G.flow_map(e, 1.0, 0.0, y, steps=400)
+    e = torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.full((200,), NULL)
+    exact = G.flow_map(e, 1.0, 0.0, y, steps=200)
     err = lambda k, sampler: (fm.sample(oracle, e, y, k, NULL, 1.0, sampler) - exact).norm(dim=1).mean().item()
-    eu = [err(k, "euler") for k in (32, 64, 128)]
-    he = [err(k, "heun") for k in (32, 64, 128)]
+    eu = [err(k, "euler") for k in (16, 32, 64)]  # measured: 0.087, 0.045, 0.023
+    he = [err(k, "heun") for k in (16, 32, 64)]  # measured: 7.7e-3, 1.8e-3, 4.2e-4
     assert all(1.7 < a / b < 2.3 for a, b in zip(eu, eu[1:])), eu
-    assert all(3.3 < a / b < 4.7 for a, b in zip(he, he[1:])), he
+    assert all(3.5 < a / b < 4.7 for a, b in zip(he, he[1:])), he
     assert he[-1] < 1e-3 and he[-1] < eu[-1] / 10, (eu, he)
 
 
