@@ -258,7 +258,7 @@ def dm_loss(x0, y, teacher, fake, null, args):
 
 def fake_loss(fake, x0, y):
     """Flow matching of the fake velocity on sg(x0), t ~ U(0, 1)."""
-    x0, n, t = x0, torch.randn_like(x0), torch.rand(len(x0), device=x0.device)
+    x0, n, t = x0.detach(), torch.randn_like(x0), torch.rand(len(x0), device=x0.device)
     x_t = (1 - bc(t, x0)) * x0 + bc(t, x0) * n
     loss = ((fake(x_t, t, t, y) - (n - x0)) ** 2).flatten(1).sum(1).mean()
     return loss, {"fake_loss": loss.detach()}
