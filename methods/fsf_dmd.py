@@ -248,8 +248,8 @@ def dm_loss(x0, y, teacher, fake, null, args):
         x_t = (1 - bc(t, x0)) * x0 + bc(t, x0) * torch.randn_like(x0)
         v_real = guided(teacher, x_t, t, y, null, args)
         v_fake = fake(x_t, t, torch.zeros_like(t), y)
-    w = (x0 - (x_t - bc(t, x0) * v_real)).abs().flatten(1).mean(1)
-    grad = torch.nan_to_num(bc(t, x0) * (v_real - v_fake) / bc(w, x0))
+        w = (x0 - (x_t - bc(t, x0) * v_real)).abs().flatten(1).mean(1)
+        grad = torch.nan_to_num(bc(t, x0) * (v_real - v_fake) / bc(w, x0))
     loss = 0.5 * ((x0 - (x0 - grad).detach()) ** 2).flatten(1).sum(1).mean()
     return loss, {"loss_dm": loss.detach(), "dm_w": w.mean()}
 

@@ -38,7 +38,7 @@ def run_loop(script, flags, nets, keys=(), tmp_path=None):
     """Runs a method file as `python <script> <flags>` in this process (runpy; a tiny gmm run, its evaluation
     stubbed out) and records
     what its loop does, read from the file's own globals: every data batch ("batch": x, y), after every backward() ("backward"), and
-    before / after every optimizer step ("pre" / "post", with the optimizer's global name), the step,
+    before / after every optimizer step ("pre" / "post", with the optimizer's global name and lr), the step,
     the globals named in `keys`, the summed |grad| of each net named in `nets` and a copy of its weights."""
     events = []
     path = os.path.abspath(script)
@@ -54,7 +54,8 @@ def run_loop(script, flags, nets, keys=(), tmp_path=None):
         if g is None:  # a backward outside the loop (none expected)
             return
         name = next((k for k, v in g.items() if v is opt), None) if opt is not None else None
-        events.append({"kind": kind, "opt": name, "step": g["step"], **{k: g.get(k) for k in keys},
+        lr = opt.param_groups[0]["lr"] if opt is not None else None
+        events.append({"kind": kind, "opt": name, "lr": lr, "step": g["step"], **{k: g.get(k) for k in keys},
                        "grad": {n: grad_norm(g[n]) for n in nets}, "w": {n: flat(g[n]) for n in nets}})
 
     backward, next_batch = torch.Tensor.backward, Loader.__next__

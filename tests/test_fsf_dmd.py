@@ -60,6 +60,15 @@ def test_endpoint_pseudo_velocity_and_flow_map_simulation():
         assert (fsf.generate(exact_map(TOY, 100), e, y, m) - exact_end).abs().max() < 1e-5
 
 
+def test_simulation_has_gradient_through_the_last_jump_only():
+    # net = a x: x_{1/2} = (1 - a / 2) e without grad, x0 = x_{1/2} - a / 2 x_{1/2}, so d sum(x0) / d a = -sum(x_{1/2}) / 2
+    a = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(8, 2, dtype=torch.float64)
+    x0 = fsf.generate(lambda x, t, s, y: a * x, e, torch.zeros(8, dtype=torch.long), 2)
+    (g,) = torch.autograd.grad(x0.sum(), a)
+    assert torch.allclose(x0, (1 - 0.3) ** 2 * e) and torch.allclose(g, -0.5 * ((1 - 0.3) * e).sum())
+
+
 def test_sign_one_update_moves_samples_toward_the_teacher():
     g, x0 = dm_grad(SHIFT, 4000, 0)
     x1 = x0 - 0.3 * g
@@ -306,10 +315,15 @@ def test_bad_flags(field, value, needle):
 @pytest.fixture(scope="module")
 def fsf_loop(tmp_path_factory):
     """4 steps on gmm (oracle teacher): tangent warm-up over 3 steps to r = 0.8, evaluation EMA decay 0.6, fake
-    EMA decay 0.3 (distinguishable)."""
+    EMA decay 0.3 (distinguishable), dm_weight 0.3."""
     flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 4, "--tangent-warmup", 3,
-             "--tangent-r-max", 0.8, "--ema-decay", 0.6, "--fake-ema-decay", 0.3, "--lr", 1e-2]
-    return run_loop(SCRIPT, flags, ["net", "ema", "ema_fake"], keys=("r",), tmp_path=tmp_path_factory.mktemp("fsf_loop"))
+             "--tangent-r-max", 0.8, "--ema-decay", 0.6, "--fake-ema-decay", 0.3, "--lr", 1e-2, "--dm-weight", 0.3]
+    return run_loop(SCRIPT, flags, ["net", "ema", "ema_fake"], keys=("r", "loss", "loss_cd", "loss_dm"), tmp_path=tmp_path_factory.mktemp("fsf_loop"))
+
+
+def test_the_backpropagated_loss_is_l_cd_plus_dm_weight_l_fsf(fsf_loop):
+    back = [ev for ev in fsf_loop if ev["kind"] == "backward"]
+    assert all(torch.allclose(ev["loss"], ev["loss_cd"] + 0.3 * ev["loss_dm"]) and ev["loss_dm"] > 0 for ev in back)
 
 
 def test_tangent_weight_warms_up(fsf_loop):
