@@ -23,7 +23,8 @@ last step of each block, so that `log_every` multiples of `ttur` always log a fr
 update). GAN (DMD2 sec. 4.3, optional): a small head on the fake net's middle features (a
 forward hook on blocks[depth // 2], mean over tokens) gives a logit D on samples noised at
 t ~ U(0, gan_t_max); the fake side adds gan_d_weight (softplus(D(sg x0)) + softplus(-D(x)))
-and the generator gan_weight softplus(-D(x0)), through the frozen-for-that-turn fake net.
+and the generator gan_weight softplus(-D(x0)), through the fake net and the head, both frozen for
+that turn (as the official code freezes its whole guidance model): no generator gradient reaches them.
 Backward simulation (DMD2 sec. 4.5): with backsim_steps K > 1 the generator runs k ~ U{0..K-1}
 steps on t_j = linspace(1, 0, K + 1) without grad (x0 = G(x, t_j), re-noised to t_{j+1} with fresh
 noise) and is trained on G(x, t_k); sampling with K steps is the same chain. Its fresh noise makes
@@ -358,12 +359,12 @@ if __name__ == "__main__":
             with no_sync([ddp_net, ddp_fake, ddp_disc], i < args.grad_accum - 1):
                 with amp, torch.set_grad_enabled(gen_turn):
                     x0 = generate(ddp_net, torch.randn_like(x), y_g, k, args.backsim_steps)
-                if gen_turn:  # generator: distribution matching (+ GAN through the fake net, whose weights stay put)
-                    fake.requires_grad_(False)
+                if gen_turn:  # generator: distribution matching (+ GAN through the fake net and the head, both frozen for this turn)
+                    fake.requires_grad_(False), disc.requires_grad_(False)
                     with amp:
                         loss, t_g = dm_loss(x0, y_g, teacher, fake, null, args)
                         gan_g = F.softplus(-gan_logit(fake, disc, feats, x0, y_g, args)).mean() if args.gan_weight > 0 else loss.new_zeros(())
-                    fake.requires_grad_(True)
+                    fake.requires_grad_(True), disc.requires_grad_(True)
                     ((loss + args.gan_weight * gan_g) / args.grad_accum).backward()
                     gen_terms.append({**t_g, "gan_g": gan_g.detach()})
                 with amp:  # fake velocity (+ discriminator): every step, on the same sg(x0)

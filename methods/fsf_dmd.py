@@ -258,7 +258,7 @@ def sample_cd_ts(n, args, device):
     if args.cd_time == "pair":
         t, s = torch.maximum(a, b), torch.minimum(a, b)
     else:
-        s = (1 - a) * b
+        s = (1 - a) * torch.rand(n, device=device)
         t = s + a
     return t, torch.where(torch.arange(n, device=device) < round(args.diag_ratio * n), t, s)
 

@@ -1,6 +1,8 @@
 """DMD2: the sign of the distribution-matching gradient on a two-Gaussian toy with exact
-velocities, its fixed point, smoke runs (gmm oracle teacher, tiny mnist teacher, GAN and
-backward simulation on), exact resume with the two time-scale rule, and bad input."""
+velocities, its closed form, its fixed point, the fake loss at its own exact solution, guidance, the
+loop run in this process (the generator's turn leaves no gradient in the fake net or the
+discriminator, the two time-scale rule, each net stepped only by its own optimizer), smoke runs (gmm
+oracle teacher, tiny mnist teacher, GAN and backward simulation on), exact resume, and bad input."""
 import dataclasses
 import json
 import os
@@ -12,6 +14,7 @@ from common.data import GMM, make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
 from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_inline, run_method
+from test_fm import run_loop
 from test_methods import TINY, TINY_IMG
 
 dmd2 = load_method("dmd2")
@@ -66,15 +69,69 @@ def test_fixed_point_gradient_vanishes_only_at_the_teacher_distribution():
     assert (off.mean(0) @ SHIFT) > 0 and (off.mean(0).abs() > 10 * se).all(), (off, se)
 
 
-def test_teacher_guidance_is_applied():
+def test_teacher_guidance_is_v_u_plus_w_times_v_c_minus_v_u():
     # with CFG w != 1 the teacher sees v_u + w (v_c - v_u); for unconditional rows (y = null) it is v_u
     x0 = TOY.sample(500, torch.Generator().manual_seed(3))[0].float()
     g1, _ = dm_step(x0, TOY, seed=4, cfg=1.0)
     g3, _ = dm_step(x0, TOY, seed=4, cfg=3.0)
     assert torch.equal(g1, g3)
-    y = torch.zeros(500, dtype=torch.long)  # conditional on component 0: the guided target differs
-    v = dmd2.guided(oracle(TOY), x0, torch.full((500,), 0.5), y, NULL, 3.0)
-    assert not torch.allclose(v, TOY.velocity(x0, 0.5, y))
+    x, t = x0.double(), torch.rand(500, dtype=torch.float64)
+    y = torch.randint(0, 2, (500,))
+    v_c, v_u = TOY.velocity(x, t, y), TOY.velocity(x, t, torch.full_like(y, NULL))
+    for w in (1.0, 0.0, 3.0):
+        assert torch.allclose(dmd2.guided(oracle(TOY), x, t, y, NULL, w), v_u + w * (v_c - v_u), atol=1e-12), w
+
+
+def test_dm_gradient_is_the_closed_form_sign_rule():
+    # d L / d x0 = t (v_real - v_fake) / (w numel) with w = mean_dims |x0 - (x_t - t v_real)| held constant:
+    # descent moves each sample along v_fake - v_real. A teacher and a fake net that differ everywhere, the
+    # same t and noise drawn again here.
+    x0 = TOY.sample(256, torch.Generator().manual_seed(5))[0].requires_grad_(True)
+    y, args = torch.full((256,), NULL), dmd2.Args(t_dist="uniform")
+    fake = lambda x_t, t, s, y: 0.7 * x_t + torch.stack([t, s], 1)  # depends on s: the fake velocity must be at s = t
+    torch.manual_seed(6)
+    loss, _ = dmd2.dm_loss(x0, y, oracle(TOY), fake, NULL, args)
+    (g,) = torch.autograd.grad(loss, x0)
+    torch.manual_seed(6)
+    t = dmd2.sample_dm_t(256, args, "cpu")[:, None].double()
+    x_t = (1 - t) * x0.detach() + t * torch.randn_like(x0)
+    v_real, v_fake = TOY.velocity(x_t, t[:, 0]), 0.7 * x_t + torch.cat([t, t], 1)
+    w = (x0.detach() - (x_t - t * v_real)).abs().mean(1, keepdim=True)
+    want = t * (v_real - v_fake) / w / x0.numel()
+    assert ((g - want).abs().max() / want.abs().max()) < 1e-5, ((g - want).abs().max() / want.abs().max())
+
+
+def fake_grad(a, seed, n=20000):
+    """Per-row d L_fake / d a_i (times n) for the fake net v_gen + a_i PHI on row i, where v_gen is the exact
+    velocity of the generator's law (TOY shifted) and x0 its samples."""
+    gen = shifted(SHIFT)
+    x0 = gen.sample(n, torch.Generator().manual_seed(seed))[0]
+    a = torch.full((n, 1), float(a), dtype=torch.float64, requires_grad=True)
+    phi = lambda x_t, t: torch.stack([torch.sin(x_t[:, 1]) + t, x_t[:, 0] * (1 - t)], 1)
+    torch.manual_seed(seed)
+    loss, _ = dmd2.fake_loss(lambda x_t, t, s, y: gen.velocity(x_t, t) + a * phi(x_t, t), x0, torch.full((n,), NULL))
+    return torch.autograd.grad(loss, a)[0][:, 0] * n
+
+
+def test_fake_loss_vanishes_at_the_generators_own_velocity_only():
+    # the fake net's exact solution is the velocity of the generator's law (not the teacher's): E[grad] = 0
+    # there within Monte Carlo error; at a perturbation the gradient points back (descent lowers a)
+    g0 = fake_grad(0.0, 0)
+    se = g0.std() / len(g0) ** 0.5
+    assert abs(g0.mean()) < 4 * se, (g0.mean(), se)
+    assert fake_grad(0.3, 1).mean() > 10 * se and fake_grad(-0.3, 2).mean() < -10 * se
+
+
+def test_fake_loss_time_is_uniform_at_s_equal_t():
+    seen = {}
+
+    def fake(x_t, t, s, y):
+        seen.update(t=t, s=s)
+        return torch.zeros_like(x_t)
+    torch.manual_seed(0)
+    dmd2.fake_loss(fake, torch.zeros(100000, 2), torch.zeros(100000, dtype=torch.long))
+    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert torch.equal(seen["t"], seen["s"]) and torch.allclose(torch.quantile(seen["t"], q), q, atol=5e-3)
 
 
 def test_backward_simulation_chain():
@@ -159,3 +216,47 @@ def test_bad_teachers(tmp_path):
     save(MLP(2, 16, 1, 6), str(student), dataset="gmm", method="dmd2")
     with pytest.raises(SystemExit, match="a dmd2 checkpoint; expected a flow-matching teacher"):
         load_teacher(str(student), "gmm", loader.info, "cpu", loader.gmm)
+
+
+# ---------------------------------------------------------------- the loop, in this process
+@pytest.fixture(scope="module")
+def gan_loop(tmp_path_factory):
+    """7 steps of the GAN run on gmm (oracle teacher), --ttur 3: generator turns at steps 2 and 5; an EMA of the
+    generator at decay 0.6 (--eval-ema; 0.5 would hide an inverted decay)."""
+    flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 7, "--ttur", 3, "--gan-weight", 0.5,
+             "--lr", 1e-2, "--grad-clip", 0, "--eval-ema", "--ema-decay", 0.6]
+    return run_loop(SCRIPT, flags, ["net", "fake", "disc", "ema"], keys=("gen_turn",), tmp_path=tmp_path_factory.mktemp("dmd2_loop"))
+
+
+def test_generator_turn_leaves_no_gradient_in_the_fake_net_or_the_discriminator(gan_loop):
+    # issue 21: the generator's GAN loss runs through the fake net and the head; both must be frozen for that
+    # turn, or opt_fake adds the generator's gradient to the discriminator's own update
+    back = [ev for ev in gan_loop if ev["kind"] == "backward"]
+    gen = [ev for i, ev in enumerate(back) if ev["gen_turn"] and (i == 0 or back[i - 1]["step"] != ev["step"])]
+    assert [ev["step"] for ev in gen] == [2, 5]
+    for ev in gen:  # right after the generator's backward
+        assert ev["grad"]["net"] > 0 and ev["grad"]["fake"] == 0 and ev["grad"]["disc"] == 0, ev["grad"]
+    for ev in back:  # the fake / discriminator backward adds nothing to the generator
+        if ev not in gen:
+            same = [g for g in gen if g["step"] == ev["step"]]
+            assert ev["grad"]["net"] == (same[0]["grad"]["net"] if same else 0), (ev["step"], ev["grad"])
+            assert ev["grad"]["fake"] > 0 and ev["grad"]["disc"] > 0
+
+
+def test_two_time_scale_rule_and_each_net_by_its_own_optimizer(gan_loop):
+    # --ttur 3: the fake net and the discriminator step every step, the generator only on steps 2 and 5; the
+    # weights of a net change only inside its own optimizer's step; the EMA right after the generator's, toward it
+    steps = [(ev["opt"], ev["step"]) for ev in gan_loop if ev["kind"] == "post"]
+    assert steps == [("opt_fake", 0), ("opt_fake", 1), ("opt_fake", 2), ("opt", 2), ("opt_fake", 3), ("opt_fake", 4),
+                     ("opt_fake", 5), ("opt", 5), ("opt_fake", 6)], steps
+    own = {"opt": {"net"}, "opt_fake": {"fake", "disc"}}
+    evs = [ev for ev in gan_loop if ev["kind"] != "batch"]
+    for a, b in zip(evs, evs[1:]):
+        moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
+        if a["kind"] == "pre":
+            assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
+        elif a["kind"] == "post" and a["opt"] == "opt":
+            ema, net = a["w"]["ema"], a["w"]["net"]
+            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.4 * (net - ema), atol=1e-6), a["step"]
+        else:
+            assert not moved, (a["kind"], b["kind"], a["step"], moved)

@@ -1,8 +1,10 @@
 """FSF-DMD: the generator-induced fake velocity on the exact flow map of a two-Gaussian toy (the
 endpoint identity, flow-map-consistent simulation, the sign and the fixed-point behaviour of
-L_FSF), L_CD at the exact map, the finding as training (L_FSF alone collapses the modes, L_CD + lambda
-L_FSF converges), smoke runs (oracle, tiny mnist teacher, self-teacher), exact
-resume, bad input, and what the diff against dmd2.py removes."""
+L_FSF), its closed form, L_CD at the exact map and its direction, the time laws (quantiles), guidance
+on its interval, the finding as training (L_FSF alone collapses the modes, L_CD + lambda L_FSF
+converges), the loop run in this process (tangent warm-up, both EMAs at their own decays, one
+optimizer), smoke runs (oracle, tiny mnist teacher, self-teacher), exact resume, bad input, and what
+the diff against dmd2.py removes."""
 import copy
 import dataclasses
 import json
@@ -15,6 +17,7 @@ from common.data import GMM
 from common.dit import MLP
 from common.eval import energy_distance
 from conftest import ROOT, load_method, read_all, run_inline, run_method
+from test_fm import run_loop
 from test_methods import TINY, TINY_IMG
 
 fsf = load_method("fsf_dmd")
@@ -55,6 +58,15 @@ def test_endpoint_pseudo_velocity_and_flow_map_simulation():
     exact_end = TOY.flow_map(e, 1.0, 0.0, y, steps=100)
     for m in (1, 2, 4):  # semigroup: M flow-map jumps of the exact map land on the exact ODE endpoint
         assert (fsf.generate(exact_map(TOY, 100), e, y, m) - exact_end).abs().max() < 1e-5
+
+
+def test_simulation_has_gradient_through_the_last_jump_only():
+    # net = a x: x_{1/2} = (1 - a / 2) e without grad, x0 = x_{1/2} - a / 2 x_{1/2}, so d sum(x0) / d a = -sum(x_{1/2}) / 2
+    a = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(8, 2, dtype=torch.float64)
+    x0 = fsf.generate(lambda x, t, s, y: a * x, e, torch.zeros(8, dtype=torch.long), 2)
+    (g,) = torch.autograd.grad(x0.sum(), a)
+    assert torch.allclose(x0, (1 - 0.3) ** 2 * e) and torch.allclose(g, -0.5 * ((1 - 0.3) * e).sum())
 
 
 def test_sign_one_update_moves_samples_toward_the_teacher():
@@ -108,6 +120,96 @@ def test_fsf_alone_is_not_zero_at_the_exact_solution():
     # why the paper trains L_CD + lambda L_FSF (it reports instability without L_CD)
     g, x = dm_grad(torch.zeros(2, dtype=torch.float64), 6000, 0)
     assert (g.norm(dim=1).mean() > 0.3) and (g * (x - x.mean(0))).sum(1).mean() > 0.5
+
+
+def test_dm_gradient_is_the_closed_form_sign_rule():
+    # d L_FSF / d x0 = t (v_real - v_fake) / (w B) with v_fake = fake(x_t, t, 0) (the endpoint pseudo-velocity)
+    # and w = mean_dims |x0 - (x_t - t v_real)| held constant: descent moves samples along v_fake - v_real
+    x0 = TOY.sample(256, torch.Generator().manual_seed(5))[0].requires_grad_(True)
+    y, args = torch.full((256,), NULL), fsf.Args()
+    fake = lambda x_t, t, s, y: 0.7 * x_t + torch.stack([t, 1 + s], 1)  # depends on s: must be called at s = 0
+    torch.manual_seed(6)
+    loss, _ = fsf.dm_loss(x0, y, teacher, fake, NULL, args)
+    (g,) = torch.autograd.grad(loss, x0)
+    torch.manual_seed(6)
+    t = fsf.sample_dm_t(256, args, "cpu")[:, None].double()
+    x_t = (1 - t) * x0.detach() + t * torch.randn_like(x0)
+    v_real, v_fake = TOY.velocity(x_t, t[:, 0]), 0.7 * x_t + torch.cat([t, torch.ones_like(t)], 1)
+    w = (x0.detach() - (x_t - t * v_real)).abs().mean(1, keepdim=True)
+    want = t * (v_real - v_fake) / w / len(x0)
+    assert (g - want).abs().max() < 1e-5 * want.abs().max(), (g - want).abs().max() / want.abs().max()
+
+
+GAUSS = GMM([[1.0, -0.5]], [0.6], [1])  # one Gaussian N(m, sig^2 I): its exact flow map in closed form
+
+
+def gauss_map(x_t, t, s, y):
+    """Exact average velocity u*(x_t, t, s) of GAUSS: f*(x_t, t, s) = (1 - s) m + (sig_s / sig_t)(x_t - (1 - t) m),
+    sig_t^2 = (1 - t)^2 sig^2 + t^2; at s = t the velocity (t - (1 - t) sig^2) / sig_t^2 (x_t - (1 - t) m) - m."""
+    m, v = GAUSS.means[0], GAUSS.sigmas[0] ** 2
+    t, s = t.double()[:, None], s.double()[:, None]
+    sig = lambda r: ((1 - r) ** 2 * v + r**2).sqrt()
+    diff = x_t - (1 - t) * m
+    u = (x_t - (1 - s) * m - sig(s) / sig(t) * diff) / (t - s).clamp(min=1e-12)
+    return torch.where(t - s > 1e-12, u, (t - (1 - t) * v) / sig(t) ** 2 * diff - m)
+
+
+def test_cd_loss_direction_at_a_perturbed_map():
+    # net = exact map + a c (c a constant vector): the target sg(u_m - g) stays the exact map, so the loss is
+    # |a c|^2 per row and d L / d a = 2 a |c|^2 > 0: a descent step moves the map back toward the exact one
+    x, y = GAUSS.sample(128, torch.Generator().manual_seed(3))[0], torch.full((128,), 1)
+    t, s = torch.rand(2, 128, dtype=torch.float64).sort(0, descending=True).values
+    assert torch.allclose(gauss_map(x, t, s, y), GAUSS.avg_velocity(x, t, s, steps=100), atol=1e-6)  # the closed form
+    assert torch.allclose(gauss_map(x, t, t, y), GAUSS.velocity(x, t), atol=1e-12)
+    c = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    gauss_v = lambda x_t, t, s, y: GAUSS.velocity(x_t, t)
+    for a0 in (0.3, -0.2):
+        a = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(0)
+        loss, _ = fsf.cd_loss(lambda x_t, t, s, y: gauss_map(x_t, t, s, y) + a * c, gauss_v, x, y, 1, 1.0,
+                              dataclasses.replace(fsf.Args(), diag_ratio=0.25))
+        (g,) = torch.autograd.grad(loss, a)
+        assert abs(g / (2 * a0 * (c**2).sum()) - 1) < 1e-6, (a0, g)
+
+
+def test_guidance_is_v_u_plus_w_times_v_c_minus_v_u_inside_its_interval():
+    x, t = torch.randn(400, 2, dtype=torch.float64), torch.rand(400, dtype=torch.float64)
+    y = torch.randint(0, 2, (400,))
+    v_c, v_u = TOY.velocity(x, t, y), TOY.velocity(x, t, torch.full_like(y, NULL))
+    args = dataclasses.replace(fsf.Args(), teacher_cfg=3.0, cfg_t_min=0.2, cfg_t_max=0.7)
+    w = torch.where((t >= 0.2) & (t < 0.7), 3.0, 1.0)[:, None]
+    assert torch.allclose(fsf.guided(teacher, x, t, y, NULL, args), v_u + w * (v_c - v_u), atol=1e-12)
+    assert torch.allclose(fsf.guided(teacher, x, t, y, NULL, dataclasses.replace(args, teacher_cfg=1.0)), v_c, atol=1e-12)
+
+
+Q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+
+
+def test_dm_time_is_the_shifted_uniform():
+    # t = b u / (1 + (b - 1) u), u ~ U(t_min, t_max): monotone, so its quantiles are the shifted uniform's
+    args = dataclasses.replace(fsf.Args(), shift=3.0, t_min=0.1, t_max=0.9)
+    torch.manual_seed(0)
+    t = fsf.sample_dm_t(100000, args, "cpu").double()
+    u = 0.1 + 0.8 * Q
+    assert torch.allclose(torch.quantile(t, Q), 3 * u / (1 + 2 * u), atol=5e-3)
+
+
+@pytest.mark.parametrize("law", ["pair", "gap"])
+def test_cd_times_by_quantiles(law):
+    # pair: t = max, s = min of two LN(mu, sigma) draws (CDFs F^2 and 1 - (1 - F)^2); gap: d = t - s ~ LN(mu,
+    # sigma) and s / (1 - d) ~ U(0, 1); s = t on exactly the first round(diag_ratio n) rows (0.25: uneven)
+    args = dataclasses.replace(fsf.Args(), cd_time=law, cd_mu=0.3, cd_sigma=0.8, diag_ratio=0.25)
+    torch.manual_seed(0)
+    t, s = (v.double() for v in fsf.sample_cd_ts(80000, args, "cpu"))
+    assert torch.equal(t[:20000], s[:20000]) and (s[20000:] < t[20000:]).all() and (s >= 0).all() and (t <= 1).all()
+    t, s = t[20000:], s[20000:]
+    ln = lambda q: torch.sigmoid(0.3 + 0.8 * torch.distributions.Normal(0.0, 1.0).icdf(q))
+    if law == "pair":
+        assert torch.allclose(torch.quantile(t, Q), ln(Q.sqrt()), atol=6e-3)
+        assert torch.allclose(torch.quantile(s, Q), ln(1 - (1 - Q).sqrt()), atol=6e-3)
+    else:
+        assert torch.allclose(torch.quantile(t - s, Q), ln(Q), atol=6e-3)
+        assert torch.allclose(torch.quantile(s / (1 - (t - s)), Q), Q, atol=6e-3)
 
 
 def train_toy(net, fake, steps, lr, seed, cd=True, lr_decay=True):
@@ -207,3 +309,40 @@ def test_bad_flags(field, value, needle):
     with pytest.raises(SystemExit) as err:
         fsf.check_args(dataclasses.replace(fsf.Args(), **{field: value}))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the loop, in this process
+@pytest.fixture(scope="module")
+def fsf_loop(tmp_path_factory):
+    """4 steps on gmm (oracle teacher): tangent warm-up over 3 steps to r = 0.8, evaluation EMA decay 0.6, fake
+    EMA decay 0.3 (distinguishable), dm_weight 0.3."""
+    flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 4, "--tangent-warmup", 3,
+             "--tangent-r-max", 0.8, "--ema-decay", 0.6, "--fake-ema-decay", 0.3, "--lr", 1e-2, "--dm-weight", 0.3]
+    return run_loop(SCRIPT, flags, ["net", "ema", "ema_fake"], keys=("r", "loss", "loss_cd", "loss_dm"), tmp_path=tmp_path_factory.mktemp("fsf_loop"))
+
+
+def test_the_backpropagated_loss_is_l_cd_plus_dm_weight_l_fsf(fsf_loop):
+    back = [ev for ev in fsf_loop if ev["kind"] == "backward"]
+    assert all(torch.allclose(ev["loss"], ev["loss_cd"] + 0.3 * ev["loss_dm"]) and ev["loss_dm"] > 0 for ev in back)
+
+
+def test_tangent_weight_warms_up(fsf_loop):
+    back = [ev for ev in fsf_loop if ev["kind"] == "backward"]
+    assert [ev["step"] for ev in back] == [0, 1, 2, 3]
+    assert [round(ev["r"], 6) for ev in back] == [round(0.8 * k / 3, 6) for k in (1, 2, 3)] + [0.8]  # rising, then held
+
+
+def test_one_optimizer_and_both_emas_at_their_own_decays(fsf_loop):
+    # only the generator has an optimizer (stepped every step); the EMAs hold no gradient and move toward the net
+    # after each step at their own decays: 0.6 (evaluation) and 0.3 (the fake side)
+    back = [ev for ev in fsf_loop if ev["kind"] == "backward"]
+    post = [ev for ev in fsf_loop if ev["kind"] == "post"]
+    assert [(ev["opt"], ev["step"]) for ev in post] == [("opt", k) for k in range(4)]
+    assert all(ev["grad"]["net"] > 0 and ev["grad"]["ema"] == 0 and ev["grad"]["ema_fake"] == 0 for ev in back)
+    for k in range(3):
+        net = post[k]["w"]["net"]
+        for name, decay in (("ema", 0.6), ("ema_fake", 0.3)):
+            old = back[k]["w"][name]
+            assert not torch.allclose(net, old) and torch.allclose(back[k + 1]["w"][name], old + (1 - decay) * (net - old), atol=1e-6), (name, k)
+    pre = [ev for ev in fsf_loop if ev["kind"] == "pre"]
+    assert all(torch.equal(a["w"]["ema"], b["w"]["ema"]) and torch.equal(a["w"]["ema_fake"], b["w"]["ema_fake"]) for a, b in zip(pre, post))

@@ -1,6 +1,9 @@
 """Mean Flow Distillation: the Euler rollout against the exact average velocity, the sign of the
-student gradient on a two-Gaussian toy, the fixed point with an exact auxiliary velocity, smoke
-runs (oracle, checkpoint teachers, VSD limit), bad input (exact resume: tests/test_methods.py)."""
+student gradient on a two-Gaussian toy, the fixed point with an exact auxiliary velocity, the
+auxiliary loss at its own exact solution, the time laws (quantiles), guidance, the loop run in this
+process (aux-ratio updates of the auxiliary net before each student update, each net stepped only by
+its own optimizer, no gradient left in the other net), smoke runs (oracle, checkpoint teachers, VSD
+limit), bad input (exact resume: tests/test_methods.py)."""
 import json
 import math
 import os
@@ -12,6 +15,7 @@ from common.data import GMM, default_gmm
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
 from conftest import ROOT, load_method, read_all, run_inline, run_method
+from test_fm import run_loop
 
 mfd = load_method("mfd")
 G = default_gmm()
@@ -176,3 +180,111 @@ def test_bad_input_gets_one_line(tmp_path):
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
     with pytest.raises(SystemExit, match="--teacher oracle: only the gmm"):
         load_teacher("oracle", "moons", {"shape": (2,), "num_classes": 0})
+
+
+# ---------------------------------------------------------------- the auxiliary loss, times, guidance
+Q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+
+
+def aux_grad(a, seed, n=20000):
+    """Per-row d L_A / d a_i (times n) for the auxiliary net v_gen + a_i PHI on row i, v_gen the exact velocity
+    of the student's law (the mixture shifted) and x0 its samples; labels as the loop passes them."""
+    gen = shifted(torch.tensor([0.3, -0.2], dtype=torch.float64))
+    x0, y = gen.sample(n, torch.Generator().manual_seed(seed))
+    a = torch.full((n, 1), float(a), dtype=torch.float64, requires_grad=True)
+    phi = lambda x_t, t: torch.stack([torch.sin(x_t[:, 1]) + t, x_t[:, 0] * (1 - t)], 1)
+    torch.manual_seed(seed)
+    loss = mfd.aux_loss(lambda x_t, t, s, y: gen.velocity(x_t, t, y) + a * phi(x_t, t), x0, y, mfd.Args())
+    return torch.autograd.grad(loss, a)[0][:, 0] * n
+
+
+def test_aux_loss_vanishes_at_the_students_own_velocity_only():
+    # the auxiliary net's exact solution is the (class-conditional) velocity of the student's law: E[grad] = 0
+    # there within Monte Carlo error; at a perturbation the gradient points back (descent lowers |a|)
+    g0 = aux_grad(0.0, 0)
+    se = g0.std() / len(g0) ** 0.5
+    assert abs(g0.mean()) < 4 * se, (g0.mean(), se)
+    assert aux_grad(0.3, 1).mean() > 10 * se and aux_grad(-0.3, 2).mean() < -10 * se
+
+
+@pytest.mark.parametrize("law", ["uniform", "logit-normal"])
+def test_time_laws_by_quantiles(law):
+    # student times: t = max, r = min of two draws (CDFs F^2 and 1 - (1 - F)^2); the auxiliary loss: one draw,
+    # at s = t. mu, sigma away from 0, 1 so that a swap shows.
+    args = mfd.Args(time_dist=law, time_mu=0.3, time_sigma=0.7)
+    F_inv = (lambda q: q) if law == "uniform" else (lambda q: torch.sigmoid(0.3 + 0.7 * torch.distributions.Normal(0.0, 1.0).icdf(q)))
+    torch.manual_seed(0)
+    t, r = (v.double() for v in mfd.sample_tr(100000, args, "cpu"))
+    assert (r <= t).all()
+    assert torch.allclose(torch.quantile(t, Q), F_inv(Q.sqrt()), atol=5e-3)
+    assert torch.allclose(torch.quantile(r, Q), F_inv(1 - (1 - Q).sqrt()), atol=5e-3)
+    seen = {}
+
+    def aux(x_t, t, s, y):
+        seen.update(t=t, s=s)
+        return torch.zeros_like(x_t)
+    mfd.aux_loss(aux, torch.zeros(100000, 2), torch.zeros(100000, dtype=torch.long), args)
+    assert torch.equal(seen["t"], seen["s"]) and torch.allclose(torch.quantile(seen["t"].double(), Q), F_inv(Q), atol=5e-3)
+
+
+@pytest.mark.parametrize("w", [1.0, 0.0, 4.5])
+def test_guided_velocity_is_v_u_plus_w_times_v_c_minus_v_u(w):
+    x, t = torch.randn(50, 2, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
+    y = torch.randint(0, NULL, (50,))
+    v_c, v_u = G.velocity(x, t, y), G.velocity(x, t, torch.full_like(y, NULL))
+    net = lambda x_t, t, s, y: G.velocity(x_t, t, y)
+    assert torch.allclose(mfd.velocity(net, x, t, y, NULL, w), v_u + w * (v_c - v_u), atol=1e-12)
+
+
+def test_student_sampler_is_euler_on_its_velocity():
+    # with the exact velocity as the student's net: one step is G(e, 1) = e - v(e, 1); K steps converge to the
+    # exact ODE endpoint at order 1 (doubling K halves the error)
+    e = torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.full((200,), NULL)
+    net = lambda x_t, t, s, y: G.velocity(x_t, t, y)
+    assert torch.allclose(mfd.generate(net, e, y, 1), e - G.velocity(e, 1.0, y), atol=1e-12)
+    exact = G.flow_map(e, 1.0, 0.0, y, steps=200)
+    err = [(mfd.generate(net, e, y, k) - exact).norm(dim=1).mean().item() for k in (16, 32)]
+    assert 1.7 < err[0] / err[1] < 2.3 and err[1] < 0.05, err
+
+
+# ---------------------------------------------------------------- the loop, in this process
+@pytest.fixture(scope="module")
+def mfd_loop(tmp_path_factory):
+    """3 student steps on gmm (oracle teacher), 3 auxiliary updates before each; learning rates 1e-2 (student)
+    and 3e-2 (auxiliary) warmed up over 2 steps; EMA decay 0.6."""
+    flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 3, "--aux-ratio", 3, "--ode-step", 0.5,
+             "--lr", 1e-2, "--aux-lr", 3e-2, "--warmup", 2, "--ema-decay", 0.6]
+    return run_loop(SCRIPT, flags, ["net", "aux", "ema"], keys=("j",), tmp_path=tmp_path_factory.mktemp("mfd_loop"))
+
+
+def test_aux_ratio_updates_then_one_student_update(mfd_loop):
+    # Alg. 1: aux_ratio auxiliary updates precede every student update; each net's weights change only inside
+    # its own optimizer's step
+    # (each at its own learning rate, both warmed up: rising to lr and aux_lr over --warmup 2); the EMA moves
+    # right after the student's step, toward it, at decay 0.6
+    post = [ev for ev in mfd_loop if ev["kind"] == "post"]
+    assert [(ev["opt"], ev["step"]) for ev in post] == [(o, k) for k in range(3) for o in ["opt_aux"] * 3 + ["opt"]]
+    warm = [0.5, 1.0, 1.0]
+    assert all(ev["lr"] == pytest.approx((3e-2 if ev["opt"] == "opt_aux" else 1e-2) * warm[ev["step"]]) for ev in post)
+    own = {"opt": {"net"}, "opt_aux": {"aux"}}
+    evs = [ev for ev in mfd_loop if ev["kind"] != "batch"]
+    for a, b in zip(evs, evs[1:]):
+        moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
+        if a["kind"] == "pre":
+            assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
+        elif a["kind"] == "post" and a["opt"] == "opt":
+            ema, net = a["w"]["ema"], a["w"]["net"]
+            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.4 * (net - ema), atol=1e-6), a["step"]
+        else:
+            assert not moved, (a["kind"], b["kind"], a["step"], moved)
+
+
+def test_each_turn_leaves_gradient_only_in_its_own_net(mfd_loop):
+    # the student's turn: no gradient in the auxiliary net (its rollout is gradient-free); the auxiliary turns:
+    # none in the student (its samples are drawn without grad)
+    back = [ev for ev in mfd_loop if ev["kind"] == "backward"]
+    assert [ev["j"] for ev in back] == [0, 1, 2, 3] * 3
+    for ev in back:
+        student = ev["j"] == 3
+        assert (ev["grad"]["net"] > 0) == student and (ev["grad"]["aux"] > 0) != student, (ev["j"], ev["grad"])
