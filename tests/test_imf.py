@@ -359,3 +359,19 @@ def test_sampler_is_exact_on_the_exact_guided_map(steps):
     one = torch.ones(30, dtype=torch.float64)
     got = imf.sample(lambda x, t, s, y, c: exact(x, t.double(), s.double(), y, c.double(), steps=20), e, y, steps, c=(1 - 1 / 2.5, 0.2, 0.6))
     assert torch.allclose(got.double(), guided_map(e, one, 0 * one, y, 2.5 * one, 0.2 * one, 0.6 * one), atol=1e-5)
+
+
+def test_v_head_loss_has_the_detached_weight():
+    # --v-head: l_v = |v_aux - v_g|^2 with the weight 1 / sg(l_v + c): the gradient wrt v_aux is 2 (v_aux - v_g) / (l_v + c) / B
+    n = 64
+    x, y = G.sample(n, torch.Generator().manual_seed(12))
+    out_v = torch.zeros(n, 2, dtype=torch.float64, requires_grad=True)
+    net = lambda z, t_, s_, y_, c: (0 * z + 0.1, 0 * z + 0.2 + (out_v if len(z) == n else 0))  # noqa: E731
+    seen, guided = [], imf.guided_target
+    with mock.patch.object(imf, "guided_target", lambda *a: seen.append(guided(*a)) or seen[-1]):
+        torch.manual_seed(12)
+        loss, terms = imf.imf_loss(net, x, y, dataclasses.replace(imf.Args(), v_head=True), NULL)
+    r = (0.2 - seen[0][0]).detach()  # v_c = v_u here, so v_g = e - x
+    l_v = r.pow(2).sum(1, keepdim=True)
+    assert torch.allclose(torch.autograd.grad(loss, out_v)[0], 2 * r / (l_v + 0.01) / n, rtol=1e-9)
+    assert torch.allclose(terms["mse_v"], l_v.mean() / 2)
