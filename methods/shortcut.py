@@ -31,6 +31,8 @@ Deviations from the official code (the code wins where the paper is silent; thes
   parts' times and noise, and images[:B/8] in both, leaving the batch tail unused).
 - a batch too small to hold one row of every level is an error (the code silently drops levels).
 - sampling uses the EMA weights (the code's default `use_ema 0` samples with the raw weights).
+- the gradient norm is clipped at 1 (--grad-clip, the generic default of every file); the official code does not
+  clip (issue 21's audit). Pass --grad-clip 0 to follow it; the reference runs in results/shortcut/ clip at 1.
 - the sampler steps are in the flow-map form above; off-grid step counts (not a power of two or
   above T) run with a warning.
 Official ImageNet-256 settings: AdamW lr 1e-4, betas (0.9, 0.999), wd 0.1, constant lr, batch 256,

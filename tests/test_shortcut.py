@@ -4,6 +4,7 @@ h = 1/128 flow-matching rows are not consistent with the exact field, the defaul
 official level allocation, t on the grid of d, one forward with grad per batch, guided targets
 at the smallest level only, and bad input."""
 import dataclasses
+from unittest import mock
 import math
 
 import pytest
@@ -158,3 +159,118 @@ def test_off_grid_step_counts_warn(capsys):
     err = capsys.readouterr().err.strip()
     assert "off the training grid" in err and "[3, 256]" in err and "\n" not in err
     assert math.log2(sc.Args().denoise_timesteps) == 7  # levels 1 ... 1/64 by default
+
+
+# ---------------------------------------------------------------- target net, split points, row fraction, time law
+def test_bootstrap_targets_come_from_the_ema_net():
+    # distinguishable nets: the trained net is exact, the EMA is exact + 0.1: the bootstrap rows see the offset
+    x, y = G.sample(256, torch.Generator().manual_seed(6))
+    ema = lambda x_t, t, s, y: exact(x_t, t, s, y, steps=8) + 0.1  # noqa: E731
+    net = lambda x_t, t, s, y: exact(x_t, t, s, y, steps=8)  # noqa: E731
+    torch.manual_seed(6)
+    _, terms = sc.shortcut_loss(net, ema, x, y, NULL, NOCLIP)
+    assert 0.003 < terms["loss_boot"] < 0.05, terms["loss_boot"]  # ~0.1^2 per dim (and a small drift of x')
+    torch.manual_seed(6)
+    assert sc.shortcut_loss(ema, net, x, y, NULL, NOCLIP)[1]["loss_boot"] > 0.003
+
+
+def test_split_points_are_convex_and_the_second_half_starts_where_the_first_ends():
+    calls = []
+
+    def ema(x_t, t, s, y):
+        calls.append((x_t.clone(), t.clone(), s.clone()))
+        return exact(x_t, t, s, y, steps=8)
+
+    x, y = G.sample(70, torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    t, s = sc.sample_bootstrap_ts(70, 128, "cpu")
+    t, s = t.double(), s.double()
+    x_t = noisy(x, t, 7)
+    sc.bootstrap_target(ema, x_t, t, s, y, NULL, NOCLIP)
+    (x1, t1, m1), (x2, m2, s2) = calls
+    assert torch.equal(x1, x_t) and torch.equal(t1, t) and torch.equal(s2, s) and torch.equal(m1, m2)
+    assert (s <= m1).all() and (m1 <= t).all() and torch.allclose(m1, (t + s) / 2)  # s <= m <= t, the midpoint
+    assert torch.allclose(x2, G.flow_map(x_t, t, m1, y, steps=60), atol=1e-5)  # x' = the EMA's map to m
+
+
+@pytest.mark.parametrize("every", [4, 8])
+def test_row_fraction_and_fm_time_law_through_the_loss(every):
+    # one row in `every` is a bootstrap row (the FIRST n // every rows), the FM rows have t uniform on {1/T, ..., 1}
+    n, calls = 4096, []
+
+    def net(x_t, t, s, y):
+        calls.append((torch.is_grad_enabled(), len(x_t), t, s))
+        return torch.zeros_like(x_t)
+
+    x, y = G.sample(n, torch.Generator().manual_seed(8))
+    torch.manual_seed(8)
+    sc.shortcut_loss(net, net, x.float(), y, NULL, dataclasses.replace(sc.Args(), bootstrap_every=every))
+    _, _, t, s = [c for c in calls if c[0]][0]
+    nb = n // every
+    assert ((t - s)[:nb] > 0).all() and ((t - s)[nb:] == 0).all()
+    counts = torch.bincount(torch.round(t[nb:] * 128).long(), minlength=129)[1:].double()
+    chi2 = ((counts - (n - nb) / 128) ** 2 / ((n - nb) / 128)).sum().item()
+    assert counts.sum() == n - nb and chi2 < 180, chi2  # 127 dof: the 0.2% bound is 180
+
+
+def test_loss_gradient_is_plain_l2_and_direction():
+    # autograd gradient = 2 (u - target) / (B D) on every row (no per-row weight), and at u = u* + theta phi the
+    # gradient along phi has the sign of theta
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    x, y = G.sample(256, torch.Generator().manual_seed(9))
+    out = torch.zeros(256, 2, dtype=torch.float64, requires_grad=True)
+    seen = []
+    net = lambda x_t, t, s, y_: seen.append((x_t, t, s, y_)) or exact(x_t, t, s, y_, steps=8) + theta * torch.sin(2 * x_t) + out  # noqa: E731
+    ema = lambda x_t, t, s, y_: exact(x_t, t, s, y_, steps=8)  # noqa: E731
+    torch.manual_seed(9)
+    loss, _ = sc.shortcut_loss(net, ema, x, y, NULL, NOCLIP)
+    g_out, g_theta = torch.autograd.grad(loss, [out, theta])
+    x_t, t, s, y_ = seen[0]
+    torch.manual_seed(9)
+    e = torch.randn_like(x)  # the loss's first draw
+    nb = 256 // 8
+    tgt = torch.cat([sc.bootstrap_target(ema, x_t[:nb], t[:nb], s[:nb], y_[:nb], NULL, NOCLIP), (e - x)[nb:]])
+    u = exact(x_t, t, s, y_, steps=8) + 0.3 * torch.sin(2 * x_t)
+    assert torch.allclose(g_out, 2 * (u - tgt) / (256 * 2), atol=1e-12)
+    theta.data.fill_(-0.3)
+    torch.manual_seed(9)
+    g_neg = torch.autograd.grad(sc.shortcut_loss(net, ema, x, y, NULL, NOCLIP)[0], theta)[0]
+    assert g_theta > 0.05 and g_neg < -0.05, (g_theta, g_neg)
+
+
+def test_fm_rows_on_posterior_targets_have_zero_expected_gradient_at_the_exact_velocity():
+    """With e - x drawn from p(x | x_t), the FM rows' expected gradient at v* is zero within Monte Carlo error
+    (plain L2: no per-sample weight, no shift); at v* + 0.5 it is not. 32 points x 512 draws."""
+    P, M, gen = 32, 512, torch.Generator().manual_seed(0)
+    x0, _ = G.sample(P, gen)
+    t0 = torch.randint(1, 129, (P,), generator=gen).double() / 128
+    x_t0 = noisy(x0, t0, 10)
+    X, T = x_t0.repeat_interleave(M, 0), t0.repeat_interleave(M, 0)
+    mu, sig2, tt = G.means[None], (G.sigmas**2)[None, :, None], T[:, None, None]
+    var = (1 - tt) ** 2 * sig2 + tt**2
+    diff = X[:, None] - (1 - tt) * mu
+    logp = G.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * G.dim * var[..., 0].log()
+    k = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
+    rows = torch.arange(len(k))
+    x_fm = (mu + (1 - tt) * sig2 / var * diff)[rows, k] + (sig2 * tt**2 / var)[rows, k].sqrt() * torch.randn(len(k), 2, generator=gen, dtype=torch.float64)
+    e_fm = (X - (1 - T[:, None]) * x_fm) / T[:, None]
+    N = P * M
+    nb = N // 7  # bootstrap rows (their own draws) ahead of the N FM rows
+    xb, _ = G.sample(nb, gen)
+    x = torch.cat([xb, x_fm])
+    e = torch.cat([torch.randn(nb, 2, generator=gen, dtype=torch.float64), e_fm])
+    args = dataclasses.replace(NOCLIP, bootstrap_every=(N + nb) // nb)
+    v0 = G.velocity(x_t0, t0)
+    for shift, want_zero in ((0.0, True), (0.5, False)):
+        out = torch.zeros(N, 2, dtype=torch.float64, requires_grad=True)
+        fm_rows = lambda z: len(z) == N + nb  # noqa: E731
+
+        def net(z, t_, s_, y_):
+            return torch.cat([exact(z[:nb], t_[:nb], s_[:nb], y_[:nb], steps=4), v0.repeat_interleave(M, 0) + shift + out]) if fm_rows(z) else None
+
+        ema = lambda z, t_, s_, y_: exact(z, t_, s_, y_, steps=4)  # noqa: E731
+        with mock.patch.object(sc, "sample_fm_ts", lambda n, a_, d: (T, T)), mock.patch.object(torch, "randn_like", lambda z: e):
+            loss, _ = sc.shortcut_loss(net, ema, x, torch.full((N + nb,), NULL), NULL, args)
+        g = torch.autograd.grad(loss, out)[0].view(P, M, 2)
+        z2 = ((g.sum(1) / (g.std(1) * M**0.5)) ** 2).mean().item()
+        assert (z2 < 2.0) if want_zero else (z2 > 20), (shift, z2)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -248,3 +249,130 @@ def test_target_ema_is_checkpointed(tmp_path):
     # decay 0.99 moves further toward the net than the sampling EMA's 0.999
     d = lambda a: sum((a[k] - net[k]).pow(2).sum() for k in net)  # noqa: E731
     assert 0 < d(tgt) < d(ema)
+
+
+# ---------------------------------------------------------------- target network, time law, posterior, direction, sampler
+def test_terminal_and_unconditional_velocities_come_from_the_target_net():
+    # distinguishable nets: the trained net is the exact map, the target EMA the exact velocity + 0.1 (terminal)
+    # and + 0.2 on null labels (the unconditional velocity of the guided FM target): each offset shows up in its term
+    args = dataclasses.replace(tvm.Args(), cfg_w=1.5)
+    n, net = 200, lambda x_, t_, s_, y_, c=None: exact(x_, t_, s_, y_, steps=12)  # noqa: E731
+    x, y = G.sample(n, torch.Generator().manual_seed(5))
+    target = lambda x_, t_, s_, y_, c=None: oracle_v(x_, t_, s_, y_) + 0.1 + 0.1 * (y_ == NULL)[:, None]  # noqa: E731
+    torch.manual_seed(5)
+    _, terms = tvm.tvm_loss(net, target, x, y, args, NULL)
+    torch.manual_seed(5)
+    _, terms0 = tvm.tvm_loss(net, oracle_v, x, y, args, NULL)
+    # terminal: (beta (df_ds - v* - 0.1))^2 = (0.1 / w)^2 per dim on the s < t rows
+    assert abs(terms["term"] - 0.01 / 1.5**2) < 2e-4 and terms0["term"] < 1e-7, (terms["term"], terms0["term"])
+    # FM: v_tgt moves by (1 - w) 0.2 = -0.1 on labeled rows, so the FM term changes
+    assert abs(terms["fm"] - terms0["fm"]) > 1e-3
+
+
+def test_s_is_the_truncated_logit_normal_given_the_gap():
+    # probability integral transform: given the gap g, F(s | g) = Phi((logit s - mu) / sig) / Phi((logit(1 - g) - mu) / sig)
+    # is uniform; t = min(s + g, 1) = s + g
+    args = tvm.Args()
+    torch.manual_seed(1)
+    t, s, s2 = tvm.sample_times(20000, args, "cpu", torch.float64)
+    gap = t - s
+    Phi = torch.distributions.Normal(0.0, 1.0).cdf
+    u = Phi((torch.logit(s) + 0.4) / 1.0) / Phi((torch.logit(1 - gap) + 0.4) / 1.0)
+    x = u.sort().values
+    n = len(x)
+    d = torch.maximum(torch.arange(1, n + 1) / n - x, x - torch.arange(n) / n).max().item()
+    assert d < 1.63 / n**0.5, d  # the 1% KS bound
+    assert (t <= 1).all() and (s + gap <= 1 + 1e-12).all()
+
+
+def posterior_x_given_class(x_t, t, y, gen):
+    """x ~ p(x | x_t, class y) = N(E[x | x_t, y], sig_y^2 t^2 / s_y^2 I): one component of the mixture."""
+    mu, sig2, tt = G.means[y], (G.sigmas**2)[y][:, None], t[:, None]
+    var = (1 - tt) ** 2 * sig2 + tt**2
+    mean = mu + (1 - tt) * sig2 / var * (x_t - (1 - tt) * mu)
+    return mean + (sig2 * tt**2 / var).sqrt() * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
+
+
+def posterior_x_marginal(x_t, t, gen):
+    """x ~ p(x | x_t) of the mixture: k ~ r_k(x_t), then the component's posterior."""
+    mu, sig2, tt = G.means[None], (G.sigmas**2)[None, :, None], t[:, None, None]
+    var = (1 - tt) ** 2 * sig2 + tt**2
+    diff = x_t[:, None] - (1 - tt) * mu
+    logp = G.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * G.dim * var[..., 0].log()
+    k = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
+    return posterior_x_given_class(x_t, t, k, gen)
+
+
+def cfg_field(x, t, y, w):
+    """v*_u + w (v*_c - v*_u) per row, the unconditional field on null rows."""
+    v_u = G.velocity(x, t)
+    return v_u + w[:, None] * (G.velocity(x, t, y) - v_u)
+
+
+def test_fm_term_on_posterior_targets_has_the_cfg_field_at_the_embedded_scale_as_its_minimizer():
+    """With e - x drawn from p(x | x_s', y) (class-conditional), the FM target w (e - x) + (1 - w) v_u has mean
+    v*_u + w (v*_c - v*_u): the expected gradient of the loss at the net that outputs the CFG field at the scale
+    it is given (1 / beta) is zero within Monte Carlo error (plain L2: no per-sample weight), and at a field of
+    another scale it is not. 32 points x 2048 draws, terminal term switched off (s = t)."""
+    args = dataclasses.replace(tvm.Args(), cfg_w=2.0)
+    P, M, gen = 32, 2048, torch.Generator().manual_seed(0)
+    x0, y0 = G.sample(P, gen)
+    y0[:4] = NULL  # dropped labels: w = 1, the unconditional posterior
+    s2 = torch.sigmoid(-0.4 + torch.randn(P, generator=gen, dtype=torch.float64))
+    x_s = (1 - s2[:, None]) * x0 + s2[:, None] * torch.randn(P, 2, generator=gen, dtype=torch.float64)
+    X, S2, Y = x_s.repeat_interleave(M, 0), s2.repeat_interleave(M, 0), y0.repeat_interleave(M, 0)
+    x = torch.cat([posterior_x_marginal(X[:4 * M], S2[:4 * M], gen), posterior_x_given_class(X[4 * M:], S2[4 * M:], Y[4 * M:], gen)])
+    e = (X - (1 - S2[:, None]) * x) / S2[:, None]
+    out = torch.zeros_like(X, requires_grad=True)
+
+    def grads(scale):
+        def net(z, t_, s_, y_, c):
+            w = scale * (1 / c[:, 0] - 1) + 1  # the field at scale 1 + scale (w - 1): scale 1 is the embedded w
+            return cfg_field(z, t_, y_, torch.where(y_ == NULL, 1.0, w)) + out
+
+        with mock.patch.object(tvm, "sample_times", lambda n, a_, d, dt: (S2, S2, S2)), mock.patch.object(torch, "randn_like", lambda z: e):
+            loss, terms = tvm.tvm_loss(net, oracle_v, x, Y, args, NULL)
+        assert terms["term"] == 0
+        g = torch.autograd.grad(loss, out)[0].view(P, M, 2)
+        return g.sum(1), g.std(1) * M**0.5
+
+    eg, se = grads(1.0)
+    assert ((eg / se) ** 2).mean() < 2.0, ((eg / se) ** 2).mean()  # zero within Monte Carlo error
+    eg, se = grads(1.5)
+    assert ((eg[4:] / se[4:]) ** 2).mean() > 20  # the wrong scale is not the minimizer (labeled rows)
+
+
+def test_a_gradient_step_moves_toward_the_exact_map():
+    # u = u* + theta phi: dL/dtheta has the sign of theta (both terms pull back), mean over 2 batches
+    args = tvm.Args()
+    g = {}
+    for theta0 in (0.3, -0.3):
+        theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+        g[theta0] = sum(torch.autograd.grad(loss_at(theta, args, oracle_v, n=128, seed=sd)[0], theta)[0].item() for sd in (7, 8))
+    assert g[0.3] > 0.05 and g[-0.3] < -0.05, g
+
+
+def guided_avg_velocity(x, t, s, y, w, steps=40):
+    """(x - f_w(x, t, s)) / (t - s) for the CFG field at per-row scale w, by RK4."""
+    z, h, tau = x.double(), ((s - t) / steps)[:, None], t.clone().double()
+    for _ in range(steps):
+        k1 = cfg_field(z, tau, y, w)
+        k2 = cfg_field(z + 0.5 * h * k1, tau + 0.5 * h[:, 0], y, w)
+        k3 = cfg_field(z + 0.5 * h * k2, tau + 0.5 * h[:, 0], y, w)
+        k4 = cfg_field(z + h * k3, tau + h[:, 0], y, w)
+        z, tau = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), tau + h[:, 0]
+    return (x - z) / (t - s)[:, None]
+
+
+@pytest.mark.parametrize("cfg_w,scale_param", [(1.0, False), (2.0, True)])
+def test_sampler_is_exact_at_two_steps(cfg_w, scale_param):
+    # a net that is the exact map of the CFG field at the scale it embeds (w = 1 / beta); under --scale-param it
+    # outputs F = u / w; the sampler must pass the training scale and land on the exact guided endpoint
+    args = dataclasses.replace(tvm.Args(), cfg_w=cfg_w, scale_param=scale_param)
+    e = torch.randn(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(40) % (NULL + 1)
+    net = lambda x, t, s, y_, c: guided_avg_velocity(x, t.double(), s.double(), y_, 1 / c[:, 0].double()) * (c if scale_param else 1)  # noqa: E731
+    w = torch.where(y == NULL, 1.0, cfg_w).double()
+    one = torch.ones(40, dtype=torch.float64)
+    want = e - guided_avg_velocity(e, one, 0 * one, y, w, steps=80)
+    assert torch.allclose(tvm.sample(net, e, y, 2, NULL, args).double(), want, atol=1e-6)
