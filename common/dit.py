@@ -19,9 +19,9 @@ against the data.
 Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode rule, so
 `torch.func.jvp` through the DiT works (PyTorch's fused attention has none: kernels/attention_jvp.py).
 
-Precision: under `torch.autocast` (the `--precision bf16` of the method files) the time
-embedding's sinusoid is computed from fp32 times and the output is returned in fp32, so targets
-and losses stay fp32. `net.grad_ckpt = True` recomputes each DiT block in the backward
+Precision: the time embedding's sinusoid and the output are in the wider of the weights' dtype
+and fp32: under `torch.autocast` (the `--precision bf16` of the method files) fp32, so targets and
+losses stay fp32; a float64 network (`net.double()`) is float64 end to end (finite-difference checks). `net.grad_ckpt = True` recomputes each DiT block in the backward
 (activation checkpointing) on forwards with grad outside a torch.func transform.
 
 `save`/`load` use safetensors with the network config in the metadata, so a checkpoint rebuilds
@@ -60,13 +60,18 @@ def ddpm_time(t):
     return t, i - 1 + (lab[i - 1] - target) / (lab[i - 1] - lab[i]), torch.rsqrt(r2)
 
 
-def timestep_embedding(t, dim, max_period=10000.0):
+def out_dtype(module):
+    """The wider of the module's weight dtype and fp32: fp32 under bf16 autocast, float64 for a float64 net."""
+    return torch.promote_types(next(module.parameters()).dtype, torch.float32)
+
+
+def timestep_embedding(t, dim, max_period=10000.0, dtype=torch.float32):
     """Sinusoidal embedding of a scalar in [0, 1], unscaled (frequencies <= 1) as in the official
     MeanFlow DiT: a 1000x scale (DDPM DiT) makes d/dt of the network, and so every JVP target,
-    needlessly large."""
+    needlessly large. Computed in `dtype` (fp32, or float64 for a float64 net)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -79,7 +84,7 @@ class ScalarEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=out_dtype(self)).to(self.mlp[0].weight.dtype))
 
 
 class Conditioning(nn.Module):
@@ -214,7 +219,7 @@ class DiT(nn.Module):
         if self.param == "v_flip":
             u = -u
         elif self.param == "eps_ddpm":  # x = (x_t - t eps) / (1 - t), v = eps - x = (eps - x_t) / (1 - t)
-            u = ((u.double() - x.double()) / (1 - t_c)[:, None, None, None]).float()
+            u = ((u.double() - x.double()) / (1 - t_c)[:, None, None, None]).to(u.dtype)
         return u if self.v_head is None else (u, self.final(h, emb, *self.v_head))
 
     def final(self, h, emb, ada, out):
@@ -222,7 +227,7 @@ class DiT(nn.Module):
         shift, scale = (mod_norm(a, 2) if self.modnorm else a).chunk(2, dim=-1)
         h = out(modulate(self.norm(h), shift, scale))
         h = h.reshape(len(h), self.grid, self.grid, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(len(h), self.c, self.grid * self.p, self.grid * self.p).float()
+        return h.reshape(len(h), self.c, self.grid * self.p, self.grid * self.p).to(out_dtype(out))
 
 
 class MLP(nn.Module):
@@ -247,7 +252,8 @@ class MLP(nn.Module):
         h = self.inp(x) + emb
         for block in self.blocks:
             h = h + block(h + emb)
-        return self.out(h).float() if self.v_head is None else (self.out(h).float(), self.v_head(h).float())
+        dt = out_dtype(self.out)
+        return self.out(h).to(dt) if self.v_head is None else (self.out(h).to(dt), self.v_head(h).to(dt))
 
 
 def build(config):

@@ -39,7 +39,7 @@ Deviations: the Euler-step target is computed as a v_g + (1 - a) u (the same num
 division by t - s). Our DiT embeds (t, h = t - s) by adaLN. With --dropout > 0 the no-grad
 target forwards draw their own masks (the JVP at a = 0 shares the forward's, as in meanflow.py).
 
-Run:        python methods/alphaflow.py                 (2-D gmm, a few minutes on a CPU)
+Run:        python methods/alphaflow.py                 (2-D gmm; the reference run took 18 min on 1 CPU thread)
             python methods/alphaflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
                 --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999 --alpha-k-end 5000   (the reference run)
 Paper defaults (ImageNet 256, DiT-B/2): Adam lr 1e-4, betas (0.9, 0.95), batch 256, bf16, clip 16,

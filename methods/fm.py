@@ -14,7 +14,7 @@ class with probability `label_dropout`, so the same network gives the unconditio
 for classifier-free guidance v_cfg = v_u + w (v_c - v_u) at sampling time. Sampling: Euler or
 Heun over t_k = linspace(1, 0, K + 1).
 
-Run:        python methods/fm.py                       (2-D gmm, a few minutes on a CPU)
+Run:        python methods/fm.py                       (2-D gmm; the reference run, --steps 5000, took 3 min on 1 CPU thread)
             python methods/fm.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
                 --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run)
 Paper-scale defaults (SiT/DiT on ImageNet latents): lr 1e-4, batch 256, EMA 0.9999, label dropout

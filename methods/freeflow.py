@@ -22,26 +22,26 @@ velocity pointing noise -> data) converts to ours as F_paper = -net(z, 1, 1 - de
     loss = L_pred + lambda L_corr,  lambda = alpha E||Delta_G|| / (E||Delta_N|| + eps)   (sg, per micro-batch)
     auxiliary v_N (a copy of the teacher, trained online):  ||v_N(x_t, t) - (n - sg(x0))||^2,  t ~ U(0, 1)
 
-Paper facts used: the adaptive weight with k = 1 (ablation: prediction alone k 0 / .5 / 1 -> FID
-11.9 / 11.7 / 12.4, with correction 43.5 / 10.6 / 5.6); the derivative by a finite difference
-under stop-grad (the JVP of `--deriv jvp` is an exact alternative); the correction r biased to high
-noise ("logit-normal 0.8") over a range reaching r = 1 ([0, 0.6] gives FID 91.8); lambda from the
-ratio of the two gradient norms with alpha robust in [0.3, 3]; guidance truncated at t <= 0.7 for
-the correction target; the 75 / 25 split. Choices (not in the paper): the law of d, the FD step,
-weight_eps, corr_sigma, alpha = 1, whether E||Delta_G|| is taken before or after the weight w
-(`--lambda-ref`), the auxiliary net's time law (uniform), lr and one update per step, and that it
-learns from the correction rows' x0 only. Labels: the loop still draws a data batch, but only its
-labels are used (x is discarded): the class frequencies of the data set, as the evaluation uses.
-Where: sample_d / sample_r (times), guided (teacher), deriv (dF_dd), freeflow_loss (both terms in
-ONE student forward with grad: prediction rows then correction rows, DDP-safe), aux_loss, sample.
-The no-grad derivative pass runs on the whole batch inside fork_rng (fp32 under bf16): the grad
-forward reuses its dropout masks. The student and v_N start as copies of the teacher checkpoint
-(--hidden, --depth ... ignored; fresh nets with `--teacher oracle`). Only maps from t = 1 are
-trained: 1 step is the paper's use; K > 1 flow-map steps start from t < 1, never trained here.
+Paper facts used: the adaptive weight with k = 1 (ablation: prediction alone k 0 / .5 / 1 -> FID 11.9 / 11.7 /
+12.4, with correction 43.5 / 10.6 / 5.6); the derivative by a finite difference under stop-grad (the JVP of
+`--deriv jvp` is an exact alternative); the correction r biased to high noise ("logit-normal 0.8") over a range
+reaching r = 1 ([0, 0.6] gives FID 91.8); lambda from the ratio of the two gradient norms with alpha robust in
+[0.3, 3]; guidance truncated at t <= 0.7 for the correction target; the 75 / 25 split. Choices (not in the
+paper): the law of d, the FD step, weight_eps, corr_sigma, alpha = 1, whether E||Delta_G|| is taken before or
+after the weight w (`--lambda-ref`), the auxiliary net's time law (uniform), lr and one update per step, and
+that it learns from the correction rows' x0 only. Labels: only those of the data batch are used (x is
+discarded): the data set's class frequencies, as the evaluation uses. Where: sample_d / sample_r (times), guided
+(teacher), deriv (dF_dd), freeflow_loss (both terms in ONE student forward with grad: prediction rows then
+correction rows, DDP-safe), aux_loss, sample. The no-grad derivative pass runs on the whole batch inside
+fork_rng (fp32 under bf16): the grad forward reuses its dropout masks. The student and v_N start as copies of
+the teacher checkpoint (--hidden, --depth ... ignored; fresh nets with `--teacher oracle`). Only maps from t = 1
+are trained: 1 step is the paper's use. A K-step sample's first jump leaves t = 1, every later one starts below
+t = 1, a map this loss never trains: the 2- and 4-step numbers of results/freeflow/ are NOT FreeFlow's numbers.
 
-Run:        python methods/freeflow.py  (gmm, teacher results/fm/gmm/model.safetensors; --deriv fd for the paper's)
-Paper (SiT-XL/2 + REPA teacher): ImageNet 256 1-NFE FID 1.45 (teacher 1.37 at 434 NFE); 512: 1.49.
-Reference: results/freeflow/<dataset>/
+Run:        python methods/freeflow.py --eval-every 500   (gmm; the reference run took 52 min on 1 CPU thread; --deriv fd: the paper's)
+            python methods/freeflow.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4 --ema-decay 0.99
+                --eval-every 250 --ckpt-every 250 --aux-lr 1e-4   (the reference run: 59 min on 1 CPU thread)
+Paper (SiT-XL/2 + REPA teacher): ImageNet 256 1-NFE FID 1.45 (teacher 1.37 at 434 NFE); 512: 1.49. Runs: results/freeflow/
 """
 import copy
 import os

@@ -55,7 +55,7 @@ Sampling (official imf.py:90-112): K flow-map steps x <- x - (t_k - t_{k+1}) u(x
 y, c) at a chosen (w, interval): --sample-cfg (each scale is evaluated; the first one draws the
 grids) and --sample-interval. Official eval: B/2 w 8 [.4, .65]; XL/2 w 8 [.42, .62].
 
-Run:        python methods/imf.py                       (2-D gmm, a few minutes on a CPU)
+Run:        python methods/imf.py                       (2-D gmm; the reference run took 40 min on 1 CPU thread)
             python methods/imf.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
                 --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999 --sample-cfg 1 2 4   (the reference run)
 Paper defaults (ImageNet 256): AdamW lr 1e-4, betas (0.9, 0.95), wd 0, batch 1024, 10-epoch

@@ -39,7 +39,7 @@ the official. Deviations: none in the loss; our DiT embeds (t, h = t - s) by ada
 paper's. With --dropout > 0 the JVP runs on the whole batch in a forked RNG, so its masks are
 the forward's.
 
-Run:        python methods/meanflow.py                  (2-D gmm, a few minutes on a CPU)
+Run:        python methods/meanflow.py                  (2-D gmm; the reference run took 4 min on 1 CPU thread)
             python methods/meanflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
                 --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (the reference run)
 Paper defaults (ImageNet 256, DiT-XL/2): lr 1e-4, batch 256, betas (0.9, 0.95), EMA 0.9999,

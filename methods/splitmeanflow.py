@@ -23,17 +23,20 @@ student starts from scratch). The paper needs p >= 0.5: the split rows alone are
 flow map of ANY velocity field (u = 0, the identity map, included), so with few boundary rows
 training drifts toward such a trivial solution (a warning below 0.5).
 Times: t = max, s = min of two U(0, 1) draws, s = t on the first round(p B) rows (as both
-re-implementations; one of them notes that the paper samples times log-normally: not checked).
+re-implementations). A third, github.com/primepake/splitmeanflow, notes in its README that the
+paper samples times log-normally (and its code later samples logit-normal): not checked.
 Loss: squared error summed over dimensions, batch mean (as fm.py). Sampling: K flow-map steps
 x <- x - (t_k - t_{k+1}) net(x, t_k, t_{k+1}, y), no guidance (the teacher's is distilled in).
 Cost: one forward-backward on the batch, two no-grad forwards on the split rows and one teacher
 forward on the boundary rows (~4.5 forward passes at p = 0.5; 9 in Dieleman's table, which
 counts every term on the full batch).
 
-Run:        python methods/splitmeanflow.py --eval-steps 1 2 4 8   (gmm, teacher results/fm/gmm/model.safetensors)
+Run:        python methods/splitmeanflow.py --eval-steps 1 2 4 8   (gmm, teacher results/fm/gmm/model.safetensors;
+                the reference run took 20 min on 1 CPU thread)
             python methods/splitmeanflow.py --teacher oracle         (gmm, exact teacher, student from scratch)
             python methods/splitmeanflow.py --dataset mnist --steps 5000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-steps 1 2 4 8
-                (the reference run: meanflow's step and batch budget, on top of the teacher's 5000 steps)
+                --eval-every 500 --ckpt-every 500   (the reference run: meanflow's step and batch budget, on top of the
+                teacher's 5000 steps; 61 min on 1 CPU thread)
 Reference:  results/splitmeanflow/<dataset>/ (teacher: the fm reference run of the same data set)
 """
 import copy

@@ -51,7 +51,7 @@ Cost: seed 002 counts 10 forward-pass equivalents (JVP forward 2 + backward thro
 micro-batch): 13.4 on gmm (results/tvm/gmm/summary.json), 17.7 on mnist (15 steps of the command
 below); the CPU attention path materializes P and forward-AD runs op by op, so a GPU ratio will differ.
 
-Run:        python methods/tvm.py                       (2-D gmm, about 40 minutes on a loaded CPU)
+Run:        python methods/tvm.py                       (2-D gmm; the reference run took 39 min on 1 CPU thread)
             python methods/tvm.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
                 --patch-size 4 --lr 5e-4 --warmup 200 --ema-decay 0.999   (same DiT and budget as MeanFlow's)
 Paper defaults (ImageNet 256, DiT-XL/2 18 heads): lr 1e-4, batch 2048, AdamW betas (0.9, 0.95),

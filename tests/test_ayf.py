@@ -1,14 +1,19 @@
 """Align Your Flow: the EMD and LMD directions at the exact flow map of the gmm mixture (zero at
 r = 1, a bias of order 1 - r below), the u- vs f-space gradients, dropout masks shared between the
-JVP and the grad forward, the deterministic and gamma samplers, smoke runs, bad input (resume: tests/test_methods.py)."""
+JVP and the grad forward, the deterministic and gamma samplers, smoke runs, bad input (resume: tests/test_methods.py).
+Direction (exact teacher): a gradient step from a perturbed map moves toward the exact map, and the autograd
+gradient is the closed form 2 w g / B with g rebuilt by finite differences; the time laws by quantiles, the
+s != t row fraction at 0.25, the guided teacher against v_u + w (v_c - v_u), the tangent warm-up rising."""
 import dataclasses
 import json
 import os
 
+import math
+
 import pytest
 import torch
 
-from common.data import default_gmm
+from common.data import GMM as Mixture, default_gmm
 from common.dit import MLP, save
 from common.eval import energy_distance
 from conftest import ROOT, load_method, read_all, run_inline, run_method
@@ -21,6 +26,9 @@ NULL = GMM.num_classes
 teacher_v = lambda x_t, t, y: GMM.velocity(x_t, t, y)
 exact = lambda x_t, t, s, y: GMM.avg_velocity(x_t, t, s, y, steps=100)
 wrong = lambda x_t, t, s, y: exact(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (t - s)[:, None]
+
+
+exact20 = lambda x_t, t, s, y: GMM.avg_velocity(x_t, t, s, y, steps=20)  # a cheaper exact map (RK4, 20 steps)
 
 
 def batch(n=256, seed=0):
@@ -95,6 +103,99 @@ def test_samplers_deterministic_and_gamma():
     assert energy_distance(shrunk.float(), real.float()) > 0.02  # the check can fail
 
 
+def replay(x, args, seed):
+    """The e, t, s that ayf_loss draws after torch.manual_seed(seed) (e first, then the times)."""
+    torch.manual_seed(seed)
+    e = torch.randn_like(x)
+    t, s = ayf.sample_ts(len(x), args, x)
+    return t, s, (1 - t[:, None]) * x + t[:, None] * e
+
+
+@pytest.mark.parametrize("objective", ["emd", "lmd"])
+def test_a_gradient_step_moves_toward_the_exact_map(objective):
+    # u = u* + sum_k theta_k phi_k: the distance to the exact map is mean ||sum theta_k phi_k||^2 on the same rows
+    x, y = batch(96)
+    args = dataclasses.replace(ayf.Args(), objective=objective, ratio=0.75)
+    phis = lambda x_t, t, s: [torch.sin(x_t), torch.cos(2 * x_t) * (t - s)[:, None] + 0.3, x_t * t[:, None]]
+    theta0 = torch.tensor([0.15, -0.1, 0.05], dtype=torch.float64)
+    t, s, x_t = replay(x, args, 3)
+    dist = lambda th: sum(a * p for a, p in zip(th, phis(x_t, t, s))).pow(2).sum(1).mean()
+    theta = theta0.clone().requires_grad_(True)
+    net = lambda x_t_, t_, s_, y_: exact20(x_t_, t_, s_, y_) + sum(a * p for a, p in zip(theta, phis(x_t_, t_, s_)))
+    torch.manual_seed(3)
+    loss, _ = ayf.ayf_loss(net, teacher_v, x, y, 1.0, args)
+    grad = torch.autograd.grad(loss, theta)[0]
+    d0, d1 = dist(theta0), dist(theta0 - 1e-2 * grad / grad.norm())
+    assert d1 < d0 - 1e-4 * d0, (d0, d1, grad)
+    torch.manual_seed(3)  # the loss vanishes at the exact map and not away from it
+    at = ayf.ayf_loss(exact20, teacher_v, x, y, 1.0, args)[0]
+    assert at < 1e-6 and loss > 1e-2, (at, loss)  # at: the 20-step RK4 error of the map
+
+
+@pytest.mark.parametrize("objective,space,norm_dim", [("emd", "u", False), ("lmd", "u", True), ("emd", "f", True)])
+def test_gradient_is_the_closed_form_2wg_over_B(objective, space, norm_dim):
+    # g rebuilt here from its definition with central differences of the (deterministic RK4) map; the normalized step
+    # w g, w = 1 / (||g|| + c), enters the gradient as 2 w g / B (times (t - s) in f-space): sign, weight, r, c, sqrt(D)
+    n, r, c, h = 48, 0.6, 0.05, 1e-5
+    x, y = batch(n, seed=4)
+    args = dataclasses.replace(ayf.Args(), objective=objective, space=space, norm_dim=norm_dim, norm_eps=c, ratio=0.75)
+    base = lambda x_t, t, s, y_: exact20(x_t, t, s, y_) + 0.2 * torch.sin(3 * x_t) * (t - s)[:, None] + 0.1 * x_t
+    theta = torch.zeros(n, 2, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    loss, terms = ayf.ayf_loss(lambda *a: base(*a) + theta, teacher_v, x, y, r, args)
+    grad = torch.autograd.grad(loss, theta)[0]
+    t, s, x_t = replay(x, args, 7)
+    u, gap = base(x_t, t, s, y), (t - s)[:, None]
+    if objective == "emd":  # d/dt along the teacher flow, s fixed
+        v = teacher_v(x_t, t, y)
+        du = (base(x_t + h * v, t + h, s, y) - base(x_t - h * v, t - h, s, y)) / (2 * h)
+        g = (u - v) + r * gap * du
+    else:  # d/ds
+        du = (base(x_t, t, s + h, y) - base(x_t, t, s - h, y)) / (2 * h)
+        g = (u - gap * du) - teacher_v(x_t - gap * u, s, y)
+    g = g / math.sqrt(2) if norm_dim else g
+    want = 2 * g / (g.norm(dim=1, keepdim=True) + c) / n * (gap if space == "f" else 1)
+    assert (t > s).sum() == 36 and grad.abs().max() > 1e-3
+    assert torch.allclose(grad, want, rtol=1e-6, atol=1e-9 * want.abs().max()), (grad - want).abs().max()
+
+
+def test_time_laws_by_quantiles_and_the_row_fraction():
+    n = 20000
+    like = torch.zeros(1, dtype=torch.float64)
+    ln_cdf = lambda q, mu, sig: 0.5 * (1 + torch.erf((torch.logit(q) - mu) / (sig * math.sqrt(2))))  # logit-normal CDF
+    qs = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95], dtype=torch.float64)
+    args = dataclasses.replace(ayf.Args(), time_mu=-0.5, time_sigma=1.2, t_eps=0.01, ratio=0.25)
+    torch.manual_seed(0)
+    t, s = ayf.sample_ts(n, args, like)
+    m = n - round(0.25 * n)  # s = t on the first rows, s < t on a fraction `ratio` of them
+    assert torch.equal(t[:m], s[:m]) and (s[m:] < t[m:]).all() and (s >= 0.01).all() and (t <= 0.99).all()
+    F = ln_cdf(qs, -0.5, 1.2)  # pair: t = max, s = min of two draws: CDFs F^2 and 1 - (1 - F)^2
+    for got, want in [((t[m:, None] <= qs).double().mean(0), F**2), ((s[m:, None] <= qs).double().mean(0), 1 - (1 - F) ** 2),
+                      ((t[:m, None] <= qs).double().mean(0), F**2)]:
+        assert (got - want).abs().max() < 0.02, (got, want)
+    args = dataclasses.replace(args, time_dist="gap", gap_mu=0.3, gap_sigma=0.8, ratio=1.0)
+    t, s = ayf.sample_ts(n, args, like)  # gap: d = t - s logit-normal, s uniform on [0, 1 - d]
+    d = t - s
+    assert ((d[:, None] <= qs).double().mean(0) - ln_cdf(qs, 0.3, 0.8)).abs().max() < 0.02
+    assert (((s / (1 - d))[:, None] <= qs).double().mean(0) - qs).abs().max() < 0.02 and (t <= 1).all()
+
+
+def test_guided_teacher_is_v_u_plus_w_times_v_c_minus_v_u():
+    x, y = batch(64)
+    t = torch.linspace(0.01, 0.99, 64, dtype=torch.float64)
+    args = dataclasses.replace(ayf.Args(), teacher_cfg=2.5, cfg_t_min=0.3, cfg_t_max=0.7)
+    oracle = lambda x_t, t_, s_, y_: GMM.velocity(x_t, t_, y_)
+    v_c, v_u = GMM.velocity(x, t, y), GMM.velocity(x, t, torch.full_like(y, NULL))
+    inside = ((t >= 0.3) & (t <= 0.7))[:, None]
+    want = torch.where(inside, v_u + 2.5 * (v_c - v_u), v_c)  # plain conditional outside the interval
+    assert torch.allclose(ayf.guided(oracle, x, t, y, NULL, args), want, atol=1e-12)
+    weak_mix = Mixture(GMM.means * 0.8, GMM.sigmas, GMM.weights)  # autoguidance: v_weak + w (v_T - v_weak)
+    weak = lambda x_t, t_, s_, y_: weak_mix.velocity(x_t, t_, y_)
+    v_w = weak_mix.velocity(x, t, y)
+    assert torch.allclose(ayf.guided(oracle, x, t, y, NULL, args, weak), torch.where(inside, v_w + 2.5 * (v_c - v_w), v_c), atol=1e-12)
+    assert (want - v_c).abs().max() > 0.1  # guidance does something here
+
+
 def check_run(run, key):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] in (4, 6) and all(k in summary["final"] for k in [key, "loss", "g_norm", "w", "r", "grad_norm"])
@@ -107,8 +208,11 @@ def test_smoke_mnist_lmd_and_gamma(tiny_teacher, tmp_path):
                "--out-dir", tmp_path)
     check_run(tmp_path / "ayf" / "mnist", "fid@1")
     run_method(SCRIPT, *TINY, "--teacher", "oracle", "--objective", "lmd", "--space", "f", "--time-dist", "gap",
-               "--sample-gamma", 1.0, "--norm-dim", "--out-dir", tmp_path / "lmd")
+               "--sample-gamma", 1.0, "--norm-dim", "--tangent-warmup", 8, "--r-max", 0.9, "--log-every", 1, "--out-dir", tmp_path / "lmd")
     check_run(tmp_path / "lmd" / "ayf" / "gmm", "fm_err@1")
+    rows = [json.loads(r) for r in (tmp_path / "lmd" / "ayf" / "gmm" / "metrics.jsonl").read_text().splitlines()]
+    r = [row["r"] for row in rows if "r" in row]  # the tangent weight rises linearly from 0 to r_max over --tangent-warmup
+    assert r == pytest.approx([0.9 * k / 8 for k in (1, 2, 3, 4)], rel=1e-6), r
 
 
 def test_bad_teacher_gets_one_line(tiny_teacher, tmp_path):

@@ -1,9 +1,14 @@
 """FreeFlow (reconstruction): Delta_G at the exact flow map of the gmm mixture (JVP and central
 difference), the sign of the correction gradient against a shifted student with its exact
 auxiliary field, dF/dd by JVP vs finite difference on a network, one student forward with grad,
-smoke runs (the auxiliary net is checkpointed), bad input (resume: tests/test_methods.py)."""
+smoke runs (the auxiliary net is checkpointed), bad input (resume: tests/test_methods.py).
+Direction (exact teacher): a gradient step from a perturbed map moves toward the exact map and the autograd
+gradient is the closed form (2 w Delta_G / B on prediction rows, lambda Delta_N / B on correction rows, rebuilt
+here); the d and r laws by quantiles, the prediction-row fraction at 0.25, the guided teacher against
+v_u + w (v_c - v_u), the K-step sampler exact on the oracle."""
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -22,6 +27,7 @@ v_star = lambda x, t, y: GMM.velocity(x, t, y)
 exact = lambda x_t, t, s, y: GMM.avg_velocity(x_t, t, s, y, steps=100)
 wrong = lambda x_t, t, s, y: exact(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (t - s)[:, None]
 aux_star = lambda x, t, s, y: GMM.velocity(x, t, y)
+exact20 = lambda x_t, t, s, y: GMM.avg_velocity(x_t, t, s, y, steps=20)  # a cheaper exact map (RK4, 20 steps)
 
 
 def noise(n=256, seed=0):
@@ -88,6 +94,103 @@ def test_one_student_forward_with_grad():
         calls.clear()
         run_loss(net, deriv=deriv)
         assert calls.count(True) == 1 and len(calls) == (2 if deriv == "jvp" else 3), calls
+
+
+def replay(z, args, seed):
+    """d of every row, r and the noise of the correction rows, as freeflow_loss draws them after torch.manual_seed(seed)."""
+    n = len(z)
+    n_p = min(max(round(args.pred_frac * n), 1), n - 1)
+    torch.manual_seed(seed)
+    d = torch.cat([ff.sample_d(n_p, args, z), torch.ones(n - n_p, dtype=z.dtype)])
+    r = ff.sample_r(n - n_p, args, z)
+    return n_p, d, r, torch.randn(n - n_p, z.shape[1], dtype=z.dtype)
+
+
+def test_a_prediction_step_moves_toward_the_exact_map():
+    # F = F* + sum_k theta_k phi_k with phi = 0 at s = 0: the correction rows stay exact and v_N = v_T there, so
+    # Delta_N = 0 and only the prediction term moves theta; its gradient step must shrink the distance to F*
+    z, y = noise(96)
+    args = ff.Args()
+    phis = lambda z_, s: [torch.sin(z_) * s[:, None], (torch.cos(2 * z_) + 0.5) * (s * (1 - s))[:, None], z_ * s[:, None] ** 2]
+    theta0 = torch.tensor([0.2, -0.15, 0.1], dtype=torch.float64)
+    theta = theta0.clone().requires_grad_(True)
+    net = lambda z_, t, s, y_: exact20(z_, t, s, y_) + sum(a * p for a, p in zip(theta, phis(z_, s)))
+    loss, terms, _, _ = run_loss(net, n=96, seed=3)
+    grad = torch.autograd.grad(loss, theta)[0]
+    n_p, d, _, _ = replay(z, args, 3)
+    dist = lambda th: sum(a * p for a, p in zip(th, phis(z, 1 - d))).pow(2).sum(1).mean()
+    d0, d1 = dist(theta0), dist(theta0 - 1e-2 * grad / grad.norm())
+    assert terms["dn_norm"] == 0 and d1 < d0 - 1e-4 * d0, (d0, d1, grad)
+    at = run_loss(exact20, n=96, seed=3)[0]  # the loss vanishes at the exact map and not away from it
+    assert at < 1e-6 and loss > 1e-2, (at, loss)  # at: the 20-step RK4 error of the map
+
+
+@pytest.mark.parametrize("lambda_ref,k", [("pre", 1.0), ("post", 0.5)])
+def test_gradient_is_the_closed_form(lambda_ref, k):
+    # prediction rows: d/dF of w ||F - sg(F - Delta_G)||^2 = 2 w Delta_G / n_p, w = (||Delta_G||^2 / D + eps)^-k;
+    # correction rows: lambda Delta_N / (B - n_p) (each term a mean over its own rows) with Delta_N = v_N(x_r, r) - v_T(x_r, r); all rebuilt here (dF/dd by a central difference)
+    n, h = 40, 1e-5
+    z, y = noise(n, seed=5)
+    args = dataclasses.replace(ff.Args(), lambda_ref=lambda_ref, weight_k=k, weight_eps=0.05, alpha=0.7, pred_frac=0.6)
+    base = lambda z_, t, s, y_: exact20(z_, t, s, y_) + 0.3 * torch.sin(2 * z_) * s[:, None] + 0.2
+    moved = Mixture(GMM.means + torch.tensor([0.3, -0.2], dtype=torch.float64), GMM.sigmas, GMM.weights)
+    aux = lambda x, t, s, y_: moved.velocity(x, t, y_)
+    theta = torch.zeros(n, 2, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(9)
+    loss, terms, _, _ = ff.freeflow_loss(lambda *a: base(*a) + theta, aux, v_star, v_star, z, y, args)
+    grad = torch.autograd.grad(loss, theta)[0]
+    n_p, d, r, e = replay(z, args, 9)
+    one = torch.ones(n, dtype=torch.float64)
+    F = base(z, one, 1 - d, y)
+    dF = (base(z, one, 1 - d - h, y) - base(z, one, 1 - d + h, y))[:n_p] / (2 * h)
+    zp, dp, Fp = z[:n_p], d[:n_p, None], F[:n_p]
+    dG = Fp + dp * dF - v_star(zp - dp * Fp, 1 - d[:n_p], y[:n_p])
+    w = (dG.pow(2).mean(1, keepdim=True) + 0.05) ** -k
+    x0 = z[n_p:] - F[n_p:]
+    x_r = (1 - r[:, None]) * x0 + r[:, None] * e
+    dN = moved.velocity(x_r, r, y[n_p:]) - v_star(x_r, r, y[n_p:])
+    ref = dG.norm(dim=1) * (1 if lambda_ref == "pre" else w[:, 0])
+    lam = 0.7 * ref.mean() / dN.norm(dim=1).mean()
+    want = torch.cat([2 * w * dG / n_p, lam * dN / (n - n_p)])
+    assert n_p == 24 and torch.allclose(terms["lambda"], lam, rtol=1e-6) and dN.abs().max() > 1e-2
+    assert torch.allclose(grad, want, rtol=1e-6, atol=1e-9 * want.abs().max()), (grad - want).abs().max()
+
+
+def test_row_fraction_and_time_laws():
+    seen = []
+
+    def net(z, t, s, y):
+        if torch.is_grad_enabled():
+            seen.append(s.clone())
+        return exact20(z, t, s, y)
+
+    run_loss(net, n=40, pred_frac=0.25)
+    s = seen[0]  # prediction rows first (s = 1 - d > 0), then correction rows (d = 1: s = 0)
+    assert (s[:10] > 0).all() and (s[10:] == 0).all()
+    n, like = 20000, torch.zeros(1, dtype=torch.float64)
+    qs = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95], dtype=torch.float64)
+    ln_q = lambda mu, sig: torch.sigmoid(mu + sig * math.sqrt(2) * torch.erfinv(2 * qs - 1))  # logit-normal quantiles
+    torch.manual_seed(0)
+    for got, want in [(ff.sample_d(n, ff.Args(), like), qs),
+                      (ff.sample_d(n, dataclasses.replace(ff.Args(), d_dist="logit-normal", d_mu=0.4, d_sigma=0.7), like), ln_q(0.4, 0.7)),
+                      (ff.sample_r(n, dataclasses.replace(ff.Args(), corr_mu=0.8, corr_sigma=1.2, corr_r_min=0.1, corr_r_max=0.9), like),
+                       0.1 + 0.8 * ln_q(0.8, 1.2))]:
+        assert (torch.quantile(got, qs) - want).abs().max() < 0.01, (torch.quantile(got, qs), want)
+
+
+def test_guided_teacher_is_v_u_plus_w_times_v_c_minus_v_u():
+    z, y = noise(64)
+    t = torch.linspace(0.01, 0.99, 64, dtype=torch.float64)
+    v_c, v_u = GMM.velocity(z, t, y), GMM.velocity(z, t, torch.full_like(y, NULL))
+    want = torch.where(((t >= 0.2) & (t <= 0.7))[:, None], v_u + 3.0 * (v_c - v_u), v_c)  # plain conditional outside
+    assert torch.allclose(ff.guided(aux_star, z, t, y, NULL, 3.0, 0.2, 0.7), want, atol=1e-12) and (want - v_c).abs().max() > 0.1
+
+
+def test_sampler_is_exact_on_the_oracle():
+    e, y = noise(200, seed=6)
+    end = GMM.flow_map(e, 1.0, 0.0, y, steps=200)
+    for k in (1, 2):  # exact flow-map steps compose to the ODE endpoint
+        assert (ff.sample(exact, e, y, k) - end).abs().max() < 1e-4, k  # RK4 error of the oracle
 
 
 def check_run(run, key):

@@ -1,7 +1,10 @@
 """SplitMeanFlow: the interval-splitting target is exact at the exact average velocity of the
 mixture and not for a perturbed field; the whole loss vanishes at the exact map with the exact
 teacher; u = 0 solves the split rows alone (why the boundary fraction matters); one forward with
-grad; the guided teacher on the boundary rows; bad input; smoke runs from a teacher checkpoint."""
+grad; the guided teacher on the boundary rows; bad input; smoke runs from a teacher checkpoint.
+Direction (exact teacher): a gradient step from a perturbed map moves toward the exact map; the split target
+comes from the target net passed (distinguishable from the online one); split points s <= m <= t with
+(t - m) = l (t - s); the time law by quantiles, the boundary fraction at 0.25, the 2-step sampler exact on the oracle."""
 import dataclasses
 import json
 import os
@@ -112,6 +115,79 @@ def test_split_target_runs_the_current_net_in_eval_mode():
     out = smf.split_target(net, torch.ones(8, 2), torch.ones(8), torch.zeros(8), torch.full((8,), 0.5), torch.zeros(8, dtype=torch.long))
     assert net.seen == [False, False] and net.training  # restored afterwards
     assert torch.equal(out, torch.full((8, 2), 0.75))  # u2 = 1, x_m = 0.5, u1 = 0.5: 0.5 u2 + 0.5 u1
+
+
+def test_a_gradient_step_moves_toward_the_exact_map():
+    # u = u* + sum_k theta_k phi_k, targets from the same (online) net without grad: the step shrinks the distance to u*
+    x, y = G.sample(200, torch.Generator().manual_seed(4))
+    phis = lambda x_t, t, s: [torch.sin(x_t), (torch.cos(2 * x_t) + 0.5) * (t - s)[:, None], x_t * t[:, None]]
+    theta0 = torch.tensor([0.15, -0.1, 0.08], dtype=torch.float64)
+    theta = theta0.clone().requires_grad_(True)
+    net = lambda x_t, t, s, y_: exact(x_t, t, s, y_, steps=20) + sum(a * p for a, p in zip(theta, phis(x_t, t.double(), s.double())))
+    args = dataclasses.replace(smf.Args(), boundary_p=0.5)
+    torch.manual_seed(5)
+    loss, _ = smf.splitmeanflow_loss(net, net, oracle, x, y, NULL, args)
+    grad = torch.autograd.grad(loss, theta)[0]
+    torch.manual_seed(5)  # the loss draws e, then the times (sample_ts), then l
+    e = torch.randn_like(x)
+    t, s = (a.double() for a in smf.sample_ts(200, 100, "cpu"))
+    x_t = (1 - t[:, None]) * x + t[:, None] * e
+    dist = lambda th: sum(a * p for a, p in zip(th, phis(x_t, t, s))).pow(2).sum(1).mean()
+    d0, d1 = dist(theta0), dist(theta0 - 1e-2 * grad / grad.norm())
+    assert d1 < d0 - 1e-4 * d0, (d0, d1, grad)
+
+
+def test_split_target_comes_from_the_target_net():
+    # online net perturbed, target net exact: the split rows regress onto the exact average velocity, so their
+    # loss is the perturbation's size; targets from the online net would give another value
+    x, y = G.sample(200, torch.Generator().manual_seed(6))
+    args = dataclasses.replace(smf.Args(), boundary_p=0.25)
+    torch.manual_seed(0)
+    _, terms = smf.splitmeanflow_loss(perturbed, exact, oracle, x, y, NULL, args)
+    torch.manual_seed(0)
+    e = torch.randn_like(x)
+    t, s = (a.double() for a in smf.sample_ts(200, 50, "cpu"))
+    x_t = (1 - t[:, None]) * x + t[:, None] * e
+    want = (perturbed(x_t, t, s, y) - exact(x_t, t, s, y)).pow(2).sum(1)[50:].mean()
+    assert abs(terms["loss_split"] - want) < 1e-6 * want, (terms["loss_split"], want)
+
+
+def test_split_points_lie_between_s_and_t():
+    calls = []
+
+    def tnet(x_t, t, s, y):
+        calls.append((t.clone(), s.clone()))
+        return exact(x_t, t, s, y, steps=10)
+
+    x, y, t, s, l, x_t = rows(200, 7)
+    smf.split_target(tnet, x_t, t, s, l, y)
+    (t1, m1), (m2, s2) = calls  # u(x_t, t, m), then u(x_m, m, s)
+    assert torch.equal(t1, t) and torch.equal(s2, s) and torch.equal(m1, m2)
+    assert (s <= m1).all() and (m1 <= t).all() and (s < t).all()
+    assert torch.allclose(t - m1, l * (t - s), atol=1e-12)  # the weight l of u(x_t, t, m) is the share of [m, t]
+
+
+def test_time_law_by_quantiles_and_the_boundary_fraction():
+    torch.manual_seed(0)
+    t, s = smf.sample_ts(20000, 5000, "cpu")  # t = max, s = min of two U(0, 1): CDFs q^2 and 1 - (1 - q)^2
+    qs = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    assert torch.equal(t[:5000], s[:5000]) and (s[5000:] < t[5000:]).all()
+    for got, want in [(t, qs**2), (s[5000:], 1 - (1 - qs) ** 2)]:
+        assert ((got[:, None] <= qs).float().mean(0) - want).abs().max() < 0.02
+    seen, teacher_rows = [], []
+    net = lambda x_t, t_, s_, y_: seen.append(t_ == s_) or exact(x_t, t_, s_, y_, steps=10)
+    teacher = lambda x_t, t_, s_, y_: teacher_rows.append(len(x_t)) or G.velocity(x_t, t_, y_)
+    x, y = G.sample(40, torch.Generator().manual_seed(8))
+    smf.splitmeanflow_loss(net, lambda *a: exact(*a, steps=10), teacher, x, y, NULL, dataclasses.replace(smf.Args(), boundary_p=0.25))
+    assert seen[0][:10].all() and not seen[0][10:].any() and teacher_rows == [10]  # round(0.25 B) boundary rows, first
+
+
+def test_sampler_is_exact_on_the_oracle():
+    e = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.full((100,), NULL)
+    end = G.flow_map(e, 1.0, 0.0, y, steps=200)
+    for k in (1, 2):
+        assert (smf.sample(lambda *a: exact(*a, steps=100), e, y, k) - end).abs().max() < 1e-4, k  # RK4 error of the oracle
 
 
 def test_low_boundary_fraction_warns(capsys):
