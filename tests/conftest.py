@@ -103,6 +103,15 @@ def run_here(script, *args, capture=None):
         sys.argv, common.dit.save_state = argv, save_state
 
 
+def _from(module_or_path, root):
+    """Whether a path, or a module (its file or package folders), lies in root."""
+    if isinstance(module_or_path, str):
+        path = os.path.abspath(module_or_path or ".")
+        return path == root or path.startswith(root + os.sep)
+    paths = [getattr(module_or_path, "__file__", None) or "", *(getattr(module_or_path, "__path__", None) or [])]
+    return any(str(p).startswith(root + os.sep) for p in paths)
+
+
 def run_forked(script, *args, world=1, alone=None, timeout=300):
     """Runs a method file in `world` processes, each a fork of this one (no interpreter, torch and
     plotting start-up: about 6 s of CPU per process here). With world > 1 the processes get what
@@ -126,15 +135,17 @@ def run_forked(script, *args, world=1, alone=None, timeout=300):
             if world > 1:
                 os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            if alone is not None:
-                for name in [n for n in sys.modules if n.split(".")[0] in ("common", "kernels")]:
+            if alone is not None:  # forget every module and path of this repository
+                for name in [n for n, m in list(sys.modules.items()) if n.split(".")[0] in ("common", "kernels") or _from(m, ROOT)]:
                     del sys.modules[name]
-                sys.path[:] = [str(alone)] + [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
+                sys.path[:] = [str(alone)] + [p for p in sys.path if not _from(p, ROOT)]
                 os.chdir(alone)
             run_here(script, *args)
             if alone is not None:
                 where = {n: sys.modules[n].__file__ for n in ("common", "kernels") if n in sys.modules}
                 assert all(f.startswith(str(alone)) for f in where.values()), f"the copy imported {where}"
+                leaked = sorted(n for n, m in list(sys.modules.items()) if _from(m, ROOT))
+                assert not leaked, f"the copy imported {leaked} from the repository"
         except BaseException as e:  # noqa: BLE001 - reported by the parent
             errors.put(f"process {rank}: {e}")
             os._exit(1)
