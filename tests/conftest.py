@@ -9,6 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `pytest -n 2` on 2 cores: one torch thread per worker (two threads each would oversubscribe the
 # cores and burn CPU time spin-waiting); the method files started by the tests get one thread too
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the digit cache (mnist, its classifier) of the runs made in this process, as of the subprocesses below
+os.environ.setdefault("CLEANFLOW_CACHE", os.path.join(ROOT, ".cache"))
 
 
 def pytest_configure(config):
@@ -63,17 +65,133 @@ def run_inline(script, *args):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def run_here(script, *args, capture=None):
+    """Runs a method file in this process, as `python script args` would (no interpreter and torch
+    start-up: use it wherever the process boundary is not what a test is about), and returns the
+    file's globals at the end (`saved`, the nets, the optimizers, `args`). A failing run raises with
+    the text the file printed. `capture`: a list that receives a deep copy of the state dict of
+    every training checkpoint the run writes (common.dit.save_state), one per `--ckpt-every`. The
+    caller's torch random state is left as it was."""
+    import contextlib
+    import copy
+    import io
+    import runpy
+
+    import torch
+
+    import common.dit
+
+    out, argv, save_state = io.StringIO(), sys.argv, common.dit.save_state
+
+    def capturing(state, path):
+        capture.append(copy.deepcopy(state))
+        return save_state(state, path)
+
+    sys.argv = [str(script), *map(str, args)]
+    if capture is not None:
+        common.dit.save_state = capturing  # the file imports it by name when it runs
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        if not e.code:
+            return {}
+        raise AssertionError(f"{script} {args} stopped ({e.code}):\n{out.getvalue()[-3000:]}") from None
+    except BaseException as e:
+        raise AssertionError(f"{script} {args} failed ({type(e).__name__}: {e}):\n{out.getvalue()[-3000:]}") from e
+    finally:
+        sys.argv, common.dit.save_state = argv, save_state
+
+
+def _from(module_or_path, root):
+    """Whether a path, or a module (its file or package folders), lies in root."""
+    if isinstance(module_or_path, str):
+        path = os.path.abspath(module_or_path or ".")
+        return path == root or path.startswith(root + os.sep)
+    paths = [getattr(module_or_path, "__file__", None) or "", *(getattr(module_or_path, "__path__", None) or [])]
+    return any(str(p).startswith(root + os.sep) for p in paths)
+
+
+def run_forked(script, *args, world=1, alone=None, timeout=300):
+    """Runs a method file in `world` processes, each a fork of this one (no interpreter, torch and
+    plotting start-up: about 6 s of CPU per process here). With world > 1 the processes get what
+    `torchrun --nproc_per_node world` gives each rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) and meet over gloo. `alone`: a folder holding a copy of the file with common/ and
+    kernels/: the forks forget this repository (its sys.path entries and the common and kernels
+    modules already imported), start in that folder and import from there only, as `python` started
+    there would; checked after the run. A failing process stops the others and raises with its output."""
+    import multiprocessing
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+
+    def main(rank):
+        try:
+            if world > 1:
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            if alone is not None:  # forget every module and path of this repository
+                for name in [n for n, m in list(sys.modules.items()) if n.split(".")[0] in ("common", "kernels") or _from(m, ROOT)]:
+                    del sys.modules[name]
+                sys.path[:] = [str(alone)] + [p for p in sys.path if not _from(p, ROOT)]
+                os.chdir(alone)
+            run_here(script, *args)
+            if alone is not None:
+                where = {n: sys.modules[n].__file__ for n in ("common", "kernels") if n in sys.modules}
+                assert all(f.startswith(str(alone)) for f in where.values()), f"the copy imported {where}"
+                leaked = sorted(n for n, m in list(sys.modules.items()) if _from(m, ROOT))
+                assert not leaked, f"the copy imported {leaked} from the repository"
+        except BaseException as e:  # noqa: BLE001 - reported by the parent
+            errors.put(f"process {rank}: {e}")
+            os._exit(1)
+        os._exit(0)
+
+    procs = [ctx.Process(target=main, args=(r,), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    while any(p.exitcode is None for p in procs) and not any(p.exitcode for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+        p.join()
+    if any(c != 0 for c in codes):
+        raise AssertionError(f"{script} {args} in {world} process(es): exit codes {codes}\n"
+                             + (errors.get(timeout=1) if not errors.empty() else "(timed out)"))
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    """A small untrained mnist DiT saved as an fm checkpoint: a teacher for smoke runs."""
+    """A small untrained mnist DiT saved as an fm checkpoint: a teacher for smoke runs (not the zero
+    velocity: see random_dit)."""
+    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
+    random_dit(path, 28, 7, 1, 10, dataset="mnist")
+    return path
+
+
+def random_dit(path, size, patch, channels, classes, **meta):
+    """A DiT (hidden 32, depth 2, 2 heads) with its zero-initialized layers (adaLN-zero, the output)
+    drawn at random too: a fresh DiT is the zero velocity, and a student copied from a zero teacher
+    gets no gradient from several distillation losses (the flow map of u = 0 is the identity, which
+    is self-consistent): it would never train."""
     import torch
 
     from common.dit import DiT, save
 
-    path = tmp_path_factory.mktemp("teacher") / "mnist.safetensors"
     torch.manual_seed(0)
-    save(DiT(28, 7, 1, 32, 2, 2, 4.0, 10), str(path), dataset="mnist")
-    return path
+    net = DiT(size, patch, channels, 32, 2, 2, 4.0, classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    save(net, str(path), **meta)
 
 
 @pytest.fixture
@@ -147,12 +265,23 @@ def tiny_latents(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_latent_teacher(tmp_path_factory):
-    """A small untrained DiT for the tiny latent set (4x8x8, 3 classes), saved as an fm checkpoint."""
+    """A small untrained DiT for the tiny latent set (4x8x8, 3 classes), saved as an fm checkpoint
+    (not the zero velocity: see random_dit)."""
+    path = tmp_path_factory.mktemp("latent_teacher") / "teacher.safetensors"
+    random_dit(path, 8, 2, 4, 3, dataset="imagenet-latent", method="fm")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_fid_ref(tmp_path_factory):
+    """An .npz for `--fid-ref` on mnist (mu 0, sigma I in the digit classifier's feature space): a
+    run then skips the reference pass over all 5000 digits that every run and rank makes otherwise."""
+    import numpy as np
     import torch
 
-    from common.dit import DiT, save
+    from common.eval import mnist_classifier
 
-    path = tmp_path_factory.mktemp("latent_teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save(DiT(8, 2, 4, 32, 2, 2, 4.0, 3), str(path), dataset="imagenet-latent", method="fm")
+    dim = mnist_classifier()[0].conv(torch.zeros(1, 1, 28, 28)).shape[1]
+    path = tmp_path_factory.mktemp("fid_ref") / "mnist_ref.npz"
+    np.savez(path, mu=np.zeros(dim), sigma=np.eye(dim))
     return path
