@@ -237,6 +237,23 @@ def test_torch_primal_choice_and_fallback(monkeypatch):
     assert A.FALLBACKS == {"cpu forward: RuntimeError: no kernel for this input": 1}
 
 
+@pytest.mark.parametrize("kind,dtype", [("flash", torch.bfloat16), ("efficient", torch.float32),
+                                         ("efficient", torch.float16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_kernels_called_as_their_schemas_say(kind, dtype, causal):
+    """The CUDA flash / memory-efficient ops run here on the meta device (shapes only): their
+    arguments match the installed PyTorch's schemas, and lse[..., :N] is the (B, H, N) log-sum-exp
+    the tangent reads (the efficient kernel pads its rows)."""
+    B, N, H, D = 2, 45, 3, 72
+    q, k, v = torch.empty(B, N, 3, H, D, device="meta", dtype=dtype).permute(2, 0, 3, 1, 4)
+    o, lse, extra = A._torch_forward(kind, q, k, v, causal, 0.1)
+    assert o.shape == q.shape and o.dtype == dtype
+    assert lse.dtype == torch.float32 and lse.shape[:2] == (B, H) and lse.shape[2] >= N
+    assert lse[..., :N].contiguous().shape == (B, H, N)
+    grads = A._torch_backward(kind, extra, torch.empty_like(o), q, k, v, o, lse, causal, 0.1)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 def test_reference_sdpa_plain_matches_torch(reference):
     """No JVP: same values and gradients as PyTorch's own attention (fp32 and bf16)."""
     F = torch.nn.functional
