@@ -222,9 +222,9 @@ def test_bad_teachers(tmp_path):
 @pytest.fixture(scope="module")
 def gan_loop(tmp_path_factory):
     """7 steps of the GAN run on gmm (oracle teacher), --ttur 3: generator turns at steps 2 and 5; an EMA of the
-    generator at decay 0.6 (--eval-ema; 0.5 would hide an inverted decay)."""
+    generator at decay 0.6 (--eval-ema; 0.5 would hide an inverted decay); lr 1e-2 warmed up over 4 steps."""
     flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 7, "--ttur", 3, "--gan-weight", 0.5,
-             "--lr", 1e-2, "--grad-clip", 0, "--eval-ema", "--ema-decay", 0.6]
+             "--lr", 1e-2, "--grad-clip", 0, "--eval-ema", "--ema-decay", 0.6, "--warmup", 4]
     return run_loop(SCRIPT, flags, ["net", "fake", "disc", "ema"], keys=("gen_turn",), tmp_path=tmp_path_factory.mktemp("dmd2_loop"))
 
 
@@ -249,6 +249,7 @@ def test_two_time_scale_rule_and_each_net_by_its_own_optimizer(gan_loop):
     steps = [(ev["opt"], ev["step"]) for ev in gan_loop if ev["kind"] == "post"]
     assert steps == [("opt_fake", 0), ("opt_fake", 1), ("opt_fake", 2), ("opt", 2), ("opt_fake", 3), ("opt_fake", 4),
                      ("opt_fake", 5), ("opt", 5), ("opt_fake", 6)], steps
+    assert all(ev["lr"] == pytest.approx(1e-2 * min(1, (ev["step"] + 1) / 4)) for ev in gan_loop if ev["kind"] == "post")  # both warm up
     own = {"opt": {"net"}, "opt_fake": {"fake", "disc"}}
     evs = [ev for ev in gan_loop if ev["kind"] != "batch"]
     for a, b in zip(evs, evs[1:]):

@@ -97,8 +97,8 @@ TINY = ["--batch-size", 64, "--hidden", 16, "--depth", 2]
 
 @pytest.fixture(scope="module")
 def fm_loop(tmp_path_factory):
-    """fm on gmm, 4 steps: label dropout 0.3, EMA decay 0.6 (distinguishable from 0.4), lr large enough to move."""
-    return run_loop(SCRIPT, [*TINY, "--steps", 4, "--label-dropout", 0.3, "--ema-decay", 0.6, "--lr", 1e-2], ["net", "ema"],
+    """fm on gmm, 4 steps: label dropout 0.3, EMA decay 0.6 (distinguishable from 0.4), lr 1e-2 warmed up over 2 steps."""
+    return run_loop(SCRIPT, [*TINY, "--steps", 4, "--label-dropout", 0.3, "--ema-decay", 0.6, "--lr", 1e-2, "--warmup", 2], ["net", "ema"],
                     keys=("x", "y", "null"), tmp_path=tmp_path_factory.mktemp("fm_loop"))
 
 
@@ -223,10 +223,11 @@ def test_label_dropout_rate_and_rows(fm_loop):
 
 
 def test_ema_update_moves_toward_the_net_at_its_decay(fm_loop):
-    # the EMA seen at step k + 1 is ema_k + (1 - decay)(net after step k's update - ema_k) with decay 0.6
+    # the learning rate warms up; the EMA seen at step k + 1 is ema_k + (1 - decay)(net after step k's update - ema_k) with decay 0.6
     back = [ev for ev in fm_loop if ev["kind"] == "backward"]
     post = [ev for ev in fm_loop if ev["kind"] == "post"]
     assert len(post) == 4 and all(ev["opt"] == "opt" for ev in post)
+    assert [ev["lr"] for ev in post] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])  # the warm-up rises to --lr
     assert torch.equal(back[0]["w"]["ema"], back[0]["w"]["net"])  # the EMA starts as the net
     for k in range(3):
         ema, net = back[k]["w"]["ema"], post[k]["w"]["net"]

@@ -315,9 +315,9 @@ def test_bad_flags(field, value, needle):
 @pytest.fixture(scope="module")
 def fsf_loop(tmp_path_factory):
     """4 steps on gmm (oracle teacher): tangent warm-up over 3 steps to r = 0.8, evaluation EMA decay 0.6, fake
-    EMA decay 0.3 (distinguishable), dm_weight 0.3."""
+    EMA decay 0.3 (distinguishable), dm_weight 0.3, lr 1e-2 warmed up over 2 steps."""
     flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 4, "--tangent-warmup", 3,
-             "--tangent-r-max", 0.8, "--ema-decay", 0.6, "--fake-ema-decay", 0.3, "--lr", 1e-2, "--dm-weight", 0.3]
+             "--tangent-r-max", 0.8, "--ema-decay", 0.6, "--fake-ema-decay", 0.3, "--lr", 1e-2, "--dm-weight", 0.3, "--warmup", 2]
     return run_loop(SCRIPT, flags, ["net", "ema", "ema_fake"], keys=("r", "loss", "loss_cd", "loss_dm"), tmp_path=tmp_path_factory.mktemp("fsf_loop"))
 
 
@@ -338,6 +338,7 @@ def test_one_optimizer_and_both_emas_at_their_own_decays(fsf_loop):
     back = [ev for ev in fsf_loop if ev["kind"] == "backward"]
     post = [ev for ev in fsf_loop if ev["kind"] == "post"]
     assert [(ev["opt"], ev["step"]) for ev in post] == [("opt", k) for k in range(4)]
+    assert [ev["lr"] for ev in post] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])  # the learning-rate warm-up rises
     assert all(ev["grad"]["net"] > 0 and ev["grad"]["ema"] == 0 and ev["grad"]["ema_fake"] == 0 for ev in back)
     for k in range(3):
         net = post[k]["w"]["net"]
