@@ -364,7 +364,8 @@ if __name__ == "__main__":
         stop_if_nonfinite(terms, step, run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
+        with torch.no_grad():  # the EMA records no autograd history
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:  # the other --samplers
             log({"step": step + 1, **{f"{k}_{h}": v for h in args.samplers[1:] for k, v in evaluator(sample_with(h), args.eval_steps).items() if "@" in k}})
 

@@ -386,7 +386,8 @@ if __name__ == "__main__":
             opt.step()
             opt.zero_grad(set_to_none=True)
             if args.eval_ema:
-                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
+                with torch.no_grad():  # the EMA records no autograd history
+                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step += 1

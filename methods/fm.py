@@ -262,7 +262,8 @@ if __name__ == "__main__":
         stop_if_nonfinite(terms, step, run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
+        with torch.no_grad():  # the EMA records no autograd history
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema_decay)
 
         # ---- log, evaluate, checkpoint (every method file ends its step with this block)
         step += 1
