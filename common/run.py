@@ -91,7 +91,7 @@ def parse_args(Args):
     saved, text, recorded = _saved_args(path, Args) if path else ({}, None, None)
     fields = {f.name for f in dataclasses.fields(Args)}
     default = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields and k != "resume"})
-    if "-h" in argv or "--help" in argv:
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
         _help(Args, default)
     args = tyro.cli(Args, default=default)
     overrides = {k: v for k, v in dataclasses.asdict(args).items() if k in saved and k not in ("resume", "out_dir")
