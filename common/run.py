@@ -302,8 +302,8 @@ def read_rows(path, strict=False):
 
 
 def is_eval_row(row):
-    """The row of a method file's evaluation (`eval_s`; older runs: metric@K keys without a sampler suffix)."""
-    return "eval_s" in row or ("loss" not in row and "resumed_with" not in row and
+    """The row of a method file's evaluation (`eval_sec`; older runs: metric@K keys without a sampler suffix)."""
+    return "eval_sec" in row or ("loss" not in row and "resumed_with" not in row and
                                any("@" in k and "_" not in k.split("@")[1] for k in row))
 
 
@@ -411,7 +411,7 @@ class Run:
     Order of the files of a step, so that a kill at any moment is finished by `--resume RUN`:
     model.safetensors, then ckpt.safetensors (the model is never older than the checkpoint); then
     the evaluation: grid samples_<step>.png, samples.png at the end, then its metrics row (with
-    `eval_s`); summary.json last. At start-up, what the checkpoint's step lacks (see `undone`) is
+    `eval_sec`); summary.json last. At start-up, what the checkpoint's step lacks (see `undone`) is
     redone before training goes on: the same numbers as an uninterrupted run. Every file is written
     atomically; metrics.jsonl is appended (a torn last line is dropped on resume)."""
 
@@ -478,7 +478,7 @@ class Run:
         if self.step == self.args.steps:  # the summary's rows, as an uninterrupted run holds them
             at = [r for r in self.rows if r["step"] == self.step]
             self.last = next((r for r in at[::-1] if "loss" in r), {})
-            self.metrics = next(({k: v for k, v in r.items() if k not in ("step", "eval_s")} for r in at[::-1] if is_eval_row(r)), {})
+            self.metrics = next(({k: v for k, v in r.items() if k not in ("step", "eval_sec")} for r in at[::-1] if is_eval_row(r)), {})
         if self.todo & {"eval", "grid", "samples"}:
             self.evaluate(self.step, metrics="eval" in self.todo)
 
@@ -521,7 +521,7 @@ class Run:
         if step == self.args.steps:
             self._write(lambda: write_atomic(os.path.join(self.dir, "samples.png"), lambda tmp: copy_file(grid, tmp)), "samples.png")
         if metrics:
-            self.log({"step": step, **self.metrics, "eval_s": time.time() - tic})
+            self.log({"step": step, **self.metrics, "eval_sec": time.time() - tic})
             tqdm.write(f"step {step}: " + (", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()) or "no metrics")
                        + (f" ({self.note})" if self.note else ""))
 
