@@ -102,7 +102,8 @@ def test_dit_epsilon_teacher_gives_the_velocity_of_the_original():
     x0 = (x_k - s[:, None, None, None] * eps) / a[:, None, None, None]
     v_ref = eps - x0  # our velocity e - x with DiT's own estimates of e and x
     v = net(x_t, t, t, y)
-    assert rel_err(v, v_ref) < 1e-5, rel_err(v, v_ref)
+    # diffusers rounds the sinusoid arguments k * freq (k up to 999) in fp32, our float64 net does not: 2.4e-5
+    assert rel_err(v, v_ref) < 5e-5, rel_err(v, v_ref)
     assert meta["cfg_channels"] == 3 and net.config["param"] == "eps_ddpm"
     # the ends: outside k in [0, 999] the teacher is the one at the nearest end
     assert torch.equal(net(x_t[:2], torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), y[:2]),

@@ -5,7 +5,7 @@ smoke runs (the auxiliary net is checkpointed), bad input (resume: tests/test_me
 Direction (exact teacher): a gradient step from a perturbed map moves toward the exact map and the autograd
 gradient is the closed form (2 w Delta_G / B on prediction rows, lambda Delta_N / B on correction rows, rebuilt
 here); the d and r laws by quantiles, the prediction-row fraction at 0.25, the guided teacher against
-v_u + w (v_c - v_u), the K-step sampler exact on the oracle."""
+v_u + w (v_c - v_u), the K-step sampler exact on the oracle, the auxiliary loss's gradient (no gradient to x0)."""
 import dataclasses
 import json
 import math
@@ -191,6 +191,22 @@ def test_sampler_is_exact_on_the_oracle():
     end = GMM.flow_map(e, 1.0, 0.0, y, steps=200)
     for k in (1, 2):  # exact flow-map steps compose to the ODE endpoint
         assert (ff.sample(exact, e, y, k) - end).abs().max() < 1e-4, k  # RK4 error of the oracle
+
+
+def test_aux_loss_regresses_on_n_minus_x0_without_grad_to_the_student():
+    # d/dv of ||v_N(x_t, t) - (n - sg(x0))||^2 (batch mean of the sum) is 2 (v_N - (n - x0)) / B; no gradient reaches x0
+    x0 = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    y = torch.full((32,), NULL)
+    theta = torch.zeros(32, 2, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(2)
+    loss = ff.aux_loss(lambda x, t, s, y_: aux_star(x, t, s, y_) + theta, x0, y)
+    g_theta, g_x0 = torch.autograd.grad(loss, [theta, x0], allow_unused=True)
+    torch.manual_seed(2)
+    t = torch.rand(32, dtype=torch.float64)
+    n = torch.randn(32, 2, dtype=torch.float64)
+    x_t = (1 - t[:, None]) * x0.detach() + t[:, None] * n
+    assert torch.allclose(g_theta, 2 * (v_star(x_t, t, y) - (n - x0.detach())) / 32, atol=1e-12)
+    assert g_x0 is None or not g_x0.any()
 
 
 def check_run(run, key):
