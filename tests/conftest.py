@@ -108,8 +108,11 @@ def _from(module_or_path, root):
     if isinstance(module_or_path, str):
         path = os.path.abspath(module_or_path or ".")
         return path == root or path.startswith(root + os.sep)
-    paths = [getattr(module_or_path, "__file__", None) or "", *(getattr(module_or_path, "__path__", None) or [])]
-    return any(str(p).startswith(root + os.sep) for p in paths)
+    try:  # (some modules hold odd objects under these names)
+        paths = [str(getattr(module_or_path, "__file__", None) or ""), *map(str, getattr(module_or_path, "__path__", None) or [])]
+    except Exception:  # noqa: BLE001
+        return False
+    return any(p.startswith(root + os.sep) for p in paths)
 
 
 def run_forked(script, *args, world=1, alone=None, timeout=300):
@@ -122,13 +125,14 @@ def run_forked(script, *args, world=1, alone=None, timeout=300):
     there would; checked after the run. A failing process stops the others and raises with its output."""
     import multiprocessing
     import socket
+    import tempfile
     import time
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
-    errors = ctx.Queue()
+    errors = tempfile.mkdtemp()
 
     def main(rank):
         try:
@@ -147,7 +151,8 @@ def run_forked(script, *args, world=1, alone=None, timeout=300):
                 leaked = sorted(n for n, m in list(sys.modules.items()) if _from(m, ROOT))
                 assert not leaked, f"the copy imported {leaked} from the repository"
         except BaseException as e:  # noqa: BLE001 - reported by the parent
-            errors.put(f"process {rank}: {e}")
+            with open(os.path.join(errors, str(rank)), "w") as f:
+                f.write(f"process {rank}: {type(e).__name__}: {e}")
             os._exit(1)
         os._exit(0)
 
@@ -164,7 +169,7 @@ def run_forked(script, *args, world=1, alone=None, timeout=300):
         p.join()
     if any(c != 0 for c in codes):
         raise AssertionError(f"{script} {args} in {world} process(es): exit codes {codes}\n"
-                             + (errors.get(timeout=1) if not errors.empty() else "(timed out)"))
+                             + ("\n".join(open(os.path.join(errors, f)).read() for f in sorted(os.listdir(errors))) or "(timed out)"))
 
 
 @pytest.fixture(scope="module")

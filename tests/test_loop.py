@@ -3,8 +3,8 @@ covered the day it lands), read from the checkpoints of a tiny gmm run made in t
 every checkpoint captured (one per step): each optimizer holds whole networks and no EMA; each net
 changes exactly on the steps its own optimizer steps, at the update ratio asked (`--ttur 3`: the
 generator on every third step only; `--aux-ratio 3`: three auxiliary steps per student step); every
-EMA moves toward the net by 1 - its decay whenever the net moves; `--ema-decay 0` makes
-model.safetensors the trained net; the learning rate of every optimizer rises through `--warmup`
+EMA moves toward the net by 1 - its decay whenever the net moves; model.safetensors is the EMA, and
+`--ema-decay 0` makes it the trained net; the learning rate of every optimizer rises through `--warmup`
 (also as logged). The run doubles as the gmm smoke run (dropout on, one evaluation at the end)."""
 import glob
 import json
@@ -120,6 +120,8 @@ def test_training_loop(method, tmp_path):
             else:
                 assert err < 1e-6 or not changed(before[e], snaps[k][e]), f"{e} moved at step {k + 1}, the net did not"
     assert moved > 1e-4  # the EMA test saw real moves
+    model = read_all(run / "model.safetensors")  # the saved model is the EMA
+    assert model.keys() == snaps[-1]["ema"].keys() and all(torch.equal(model[k], snaps[-1]["ema"][k]) for k in model)
 
     # warm-up: every optimizer's learning rate rises to its value, and the logged one with it
     for o in own:
