@@ -222,3 +222,39 @@ def test_student_starts_as_the_teacher(tiny_teacher, tmp_path):
 def test_bad_teacher_gets_one_line(tmp_path):
     proc = run_inline(SCRIPT, "--teacher", tmp_path / "missing.safetensors", "--out-dir", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--teacher" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("ema_target", [False, True])
+def test_loop_builds_the_split_target_from_the_net_that_the_flag_names(tmp_path, ema_target):
+    """The loop passes the EMA (--ema-target) or the online net as the split target: the no-grad calls
+    of the first training step (from its data batch to the first optimizer step; the cost probe and
+    evaluation fall outside) go to that network and never to the other one."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from common.data import Loader
+    from common.dit import MLP
+    from conftest import run_here
+
+    calls, started, stepped, forward, next_batch = [], [], [], MLP.forward, Loader.__next__
+
+    def recording(self, *a, **k):
+        if started and not stepped:
+            calls.append((id(self), torch.is_grad_enabled()))
+        return forward(self, *a, **k)
+
+    def first_batch(self):
+        started.append(1)
+        return next_batch(self)
+
+    handle = register_optimizer_step_post_hook(lambda *a: stepped.append(1))
+    MLP.forward, Loader.__next__ = recording, first_batch
+    try:
+        g = run_here(os.path.join(ROOT, "methods", "splitmeanflow.py"), "--dataset", "gmm", "--teacher", "oracle", "--steps", 1,
+                     "--batch-size", 32, "--hidden", 16, "--depth", 1, "--eval-samples", 50, "--eval-steps", 1,
+                     "--out-dir", tmp_path, *(["--ema-target"] if ema_target else []))
+    finally:
+        MLP.forward, Loader.__next__ = forward, next_batch
+        handle.remove()
+    target, other = (g["ema"], g["net"]) if ema_target else (g["net"], g["ema"])
+    no_grad = {i for i, grad in calls if not grad}
+    assert id(target) in no_grad and id(other) not in no_grad, (ema_target, calls)
