@@ -20,12 +20,9 @@ c = (1 - 1/w, t_min, t_max). Target (no grad, current weights; official imf.py:2
 w_eff = w inside [t_min, t_max], else 1; v_c = v(x_t, t, y, (1 - 1/w_eff, 0, 1)),
 v_u = v(x_t, t, null, (0, 0, 1)), v_g = (e - x) + (1 - 1/w_eff)(v_c - v_u): its fixed point is
 v_c = v_u + w_eff (v_cond - v_u), ordinary CFG. Loss per row (official imf.py:380-393):
-l_u = sum_dims (V - v_g)^2 weighted l / sg(l + c)^p (c = 0.01, p = 1; the raw MSEs are logged as means
-per dimension, as every file logs its loss terms). A property of the method, not a bug: the weight is a
-per-sample nonlinearity on a residual that holds e - x, so from data the exact map is NOT its stationary
-point. Measured on the mixture with e - x drawn from p(x | x_t) (tests/test_imf.py, CPU): the expected
-gradient at the exact map, as a weighted-mean target offset per point, has RMS 0.23-0.34 at p = 1 against
-Monte Carlo noise 0.04 at p = 0 (plain L2: zero in expectation).
+l_u = sum_dims (V - v_g)^2 weighted l / sg(l + c)^p (c = 0.01, p = 1; raw MSEs logged per dimension, as in every
+file). From data this weight moves the stationary point off the exact map (a property, not a bug): with e - x drawn
+from p(x | x_t) of the mixture (tests/test_imf.py, CPU) the shift is 0.23-0.34 RMS at p = 1, noise 0.04 at p = 0.
 
 Two formulations (`--v-head`): by default a single head, v := net(x_t, t, t, y, c) (u at h = 0,
 seed 002's reading of iMF): v comes for free, and the s = t rows train it through l_u. With

@@ -343,13 +343,13 @@ def test_fm_term_on_posterior_targets_has_the_cfg_field_at_the_embedded_scale_as
 
 
 def test_a_gradient_step_moves_toward_the_exact_map():
-    # u = u* + theta phi: dL/dtheta has the sign of theta (both terms pull back), mean over 2 batches
+    # u = u* + theta phi: dL/dtheta has the sign of theta (both terms pull back; measured +-1.7 to 2.4, seeds 7-9)
     args = tvm.Args()
     g = {}
     for theta0 in (0.3, -0.3):
         theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
-        g[theta0] = sum(torch.autograd.grad(loss_at(theta, args, oracle_v, n=128, seed=sd)[0], theta)[0].item() for sd in (7, 8))
-    assert g[0.3] > 0.05 and g[-0.3] < -0.05, g
+        g[theta0] = torch.autograd.grad(loss_at(theta, args, oracle_v, n=64, seed=7)[0], theta)[0].item()
+    assert g[0.3] > 0.5 and g[-0.3] < -0.5, g
 
 
 def guided_avg_velocity(x, t, s, y, w, steps=40):
