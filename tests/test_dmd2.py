@@ -261,3 +261,47 @@ def test_two_time_scale_rule_and_each_net_by_its_own_optimizer(gan_loop):
             assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.4 * (net - ema), atol=1e-6), a["step"]
         else:
             assert not moved, (a["kind"], b["kind"], a["step"], moved)
+
+
+def test_gan_loss_signs(tmp_path):
+    """The GAN terms' signs, read from a real loop run: the generator minimizes softplus(-D(x0)) (it wants
+    its samples called real), the discriminator softplus(D(sg x0)) + softplus(-D(x)) (fake low, real high).
+    Every softplus argument is compared with the logit the head produced just before it."""
+    import sys
+
+    import torch.nn.functional as F
+
+    from conftest import run_here
+
+    path = os.path.join(ROOT, "methods", "dmd2.py")
+    logits, args_seen, softplus = [], [], F.softplus
+
+    def head_hook(module, inp, out):
+        if isinstance(module, torch.nn.Sequential) and isinstance(module[-1], torch.nn.Linear) and module[-1].out_features == 1:
+            logits.append(out[:, 0].detach().clone())
+
+    def recording(x, *a, **k):
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_filename != path:
+            f = f.f_back
+        if f is not None:
+            with open(path) as fh:
+                line = fh.read().splitlines()[f.f_lineno - 1].strip()
+            args_seen.append((line.split("=")[0].strip(), len(logits), x.detach().clone()))
+        return softplus(x, *a, **k)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(head_hook)
+    F.softplus = recording
+    try:
+        run_here(path, "--dataset", "gmm", "--teacher", "oracle", "--batch-size", 16, "--hidden", 16, "--depth", 2, "--steps", 2,
+                 "--ttur", 1, "--gan-weight", 0.5, "--eval-samples", 50, "--eval-steps", 1, "--out-dir", tmp_path)
+    finally:
+        F.softplus = softplus
+        handle.remove()
+    gen = [(n, x) for role, n, x in args_seen if role == "gan_g"]
+    disc = [(n, x) for role, n, x in args_seen if role != "gan_g"]
+    assert len(gen) == 2 and len(disc) == 4, [r for r, _, _ in args_seen]  # ttur 1: both turns on both steps
+    for n, x in gen:  # generator: softplus(-D(x0))
+        assert torch.equal(x, -logits[n - 1])
+    for i, (n, x) in enumerate(disc):  # discriminator: softplus(+D(fake)), then softplus(-D(real))
+        assert torch.equal(x, logits[n - 1] if i % 2 == 0 else -logits[n - 1]), i
