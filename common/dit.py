@@ -22,12 +22,14 @@ Attention goes through `kernels.attention_jvp.sdpa`, which has a forward-mode ru
 Precision: the time embedding's sinusoid and the output are in the wider of the weights' dtype
 and fp32: under `torch.autocast` (the `--precision bf16` of the method files) fp32, so targets and
 losses stay fp32; a float64 network (`net.double()`) is float64 end to end (finite-difference checks). `net.grad_ckpt = True` recomputes each DiT block in the backward
-(activation checkpointing) on forwards with grad outside a torch.func transform.
+(activation checkpointing) on forwards with grad outside a torch.func transform, on forward-AD dual
+numbers too (TVM's JVP with grad: primal and tangent are recomputed together).
 
 `save`/`load` use safetensors with the network config in the metadata, so a checkpoint rebuilds
 its own network; `save_state`/`load_state` store a nested training state (optimizer, RNG
 states) the same way. Writes are atomic (temporary file + os.replace).
 """
+import contextlib
 import copy
 import json
 import math
@@ -158,6 +160,24 @@ def pos_embed_2d(dim, grid):
     return torch.cat(out, dim=1).float()
 
 
+def _dual_block(block, hp, ht, ep, et):
+    """block on dual numbers built from plain (primal, tangent) pairs: in the caller's dual level, or in a
+    fresh one when the backward recomputes it outside any."""
+    fwAD = torch.autograd.forward_ad
+    with contextlib.nullcontext() if fwAD._current_level >= 0 else fwAD.dual_level():
+        return fwAD.unpack_dual(block(fwAD.make_dual(hp, ht), fwAD.make_dual(ep, et)))[:2]
+
+
+def _checkpoint_dual(block, h, emb):
+    """Activation checkpointing of a block whose inputs carry forward-AD tangents (TVM): the backward
+    recomputes primal and tangent together, so the JVP with grad is checkpointed too."""
+    fwAD = torch.autograd.forward_ad
+    (hp, ht), (ep, et) = fwAD.unpack_dual(h)[:2], fwAD.unpack_dual(emb)[:2]
+    hp, ht = torch.utils.checkpoint.checkpoint(_dual_block, block, hp, torch.zeros_like(hp) if ht is None else ht, ep, et,
+                                               use_reentrant=False)
+    return fwAD.make_dual(hp, ht)
+
+
 class DiT(nn.Module):
     """A small Diffusion Transformer (Peebles & Xie 2023) conditioned on (t, h, y, c)."""
 
@@ -209,12 +229,15 @@ class DiT(nn.Module):
             x_in = x * scale.to(x.dtype)[:, None, None, None]
         h = self.patch(x_in).flatten(2).transpose(1, 2) + self.pos
         emb = self.cond(t, s, y, c, t_in)
-        # checkpointing cannot run inside torch.func.jvp (functorch level set) nor on forward-AD dual
-        # numbers (TVM: the recomputation would lose the tangent): plain blocks there
+        # checkpointing cannot run inside torch.func.jvp (functorch level set): plain blocks there; on
+        # forward-AD dual numbers (TVM's JVP with grad) primal and tangent are checkpointed as a pair
         ckpt = self.grad_ckpt and torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
-        ckpt = ckpt and torch.autograd.forward_ad.unpack_dual(emb).tangent is None
+        dual = ckpt and torch.autograd.forward_ad.unpack_dual(emb).tangent is not None
         for block in self.blocks:
-            h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
+            if dual:
+                h = _checkpoint_dual(block, h, emb)
+            else:
+                h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
         u = self.final(h, emb, self.ada, self.out)
         if self.param == "v_flip":
             u = -u
