@@ -24,6 +24,14 @@ Sections (each time-boxed; an error or timeout in one is recorded and the next r
 The GPU machine has no tyro, clean-fid, diffusers or mlxtend: `results/gpu/wheels.sh` downloads them
 as wheels into .wheels/ (git-ignored), which travels with the run and is installed into /tmp there.
 Nothing here writes into the repository except --out.
+
+On this workplace's lent H200 (device tool): the tracked tree is ~160 MB (run weights and images) against the
+tool's 64 MiB, so run from a branch whose index drops them (`git rm -r --cached` of results/**/*.safetensors and
+*.png, both added to .gitignore there: ~3.5 MB), with carry [".wheels"] and the command
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+    --target /tmp/site .wheels/*.whl && export PYTHONPATH=/tmp/site || exit 3; export PYTHONUNBUFFERED=1
+    CLEANFLOW_CACHE=$PWD/.cache; python3 results/gpu/check.py --out $OUT --budget 480 2>&1 | tee $OUT/log.txt
+and timeout_s 560; then copy the report into results/gpu/ and commit it on main.
 """
 import argparse
 import datetime
