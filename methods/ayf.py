@@ -49,8 +49,8 @@ distillation branch (use_cd) drops none: --label-dropout 0 follows it.
 
 Run:        python methods/ayf.py --eval-every 500   (gmm, teacher results/fm/gmm/model.safetensors; the reference
                 run took 49 min on 1 CPU thread); --objective lmd: Lagrangian; --teacher oracle: the exact gmm velocity
-            python methods/ayf.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-every 250
-                --ckpt-every 250 --tangent-warmup 200   (the reference run: 55 min on 1 CPU thread)
+            python methods/ayf.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-every 250
+                --ckpt-every 250 --tangent-warmup 200   (the reference run: 38 min on 1 CPU thread, shared)
 Paper / code values: c = 0.1 (FastGen norm_const; 10.0 with --norm-dim on Wan), r_max 0.99 paper,
 warm-up 2000 steps (FastGen Wan), LN(-0.8, 1.6) (FastGen Wan), AdamW lr 1e-5 (Wan), guidance
 autoguidance (paper), 3.0 CFG (FastGen Wan). Reference: results/ayf/<dataset>/
