@@ -39,8 +39,8 @@ are trained: 1 step is the paper's use. A K-step sample's first jump leaves t = 
 t = 1, a map this loss never trains: the 2- and 4-step numbers of results/freeflow/ are NOT FreeFlow's numbers.
 
 Run:        python methods/freeflow.py --eval-every 500   (gmm; the reference run took 52 min on 1 CPU thread; --deriv fd: the paper's)
-            python methods/freeflow.py --dataset mnist --steps 1500 --batch-size 64 --lr 1e-4 --ema-decay 0.99
-                --eval-every 250 --ckpt-every 250 --aux-lr 1e-4   (the reference run: 59 min on 1 CPU thread)
+            python methods/freeflow.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99
+                --eval-every 250 --ckpt-every 250 --aux-lr 1e-4   (the reference run: 40 min on 1 CPU thread, shared)
 Paper (SiT-XL/2 + REPA teacher): ImageNet 256 1-NFE FID 1.45 (teacher 1.37 at 434 NFE); 512: 1.49. Runs: results/freeflow/
 """
 import copy
