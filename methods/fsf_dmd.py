@@ -29,8 +29,8 @@ Reconstructed or chosen here (not readable in the paper): the L_CD time law (LN 
 and its normalization constant; a JVP where the paper uses a finite difference; L_FSF summed over
 dimensions like L_CD (DMD2 takes a mean over all elements; with Adam only the ratio of the two
 terms matters, and summing keeps dm_weight independent of the data dimension); the DM time range
-[t_min, t_max] of DMD2 before the shift; the EMA decay of the generic flag for the fake side
-(paper: 0.99995); guidance on the teacher only inside [cfg_t_min, cfg_t_max). Not reproduced:
+[t_min, t_max] of DMD2 before the shift; the fake side's own EMA decay --fake-ema-decay
+(paper: 0.99995; --ema-decay is the evaluation EMA's); guidance on the teacher only inside [cfg_t_min, cfg_t_max). Not reproduced:
 the paper's pseudo-Huber + cosine CD loss, random masking, NorMuon, the iMF/DMF conditioning.
 Paper values (Tab. 6/8/9, as far as the copy's tables read): dm_weight 0.05 (flow-map init),
 0.001 (FM init), 0.01 (scratch); shift b 10 (1 scratch); M = 2 (1 scratch); CFG 6.0 on [0, 0.9).
