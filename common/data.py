@@ -87,6 +87,23 @@ class GMM:
         x_hat = mu + (1 - t) * sig2 / var * diff
         return (r * (e_hat - x_hat)).sum(1).to(x.dtype)
 
+    def posterior_sample(self, x_t, t, gen=None, y=None):
+        """x ~ p(x | x_t) in closed form (float64): the component k ~ r_k(x_t) (or the given components y), then
+        x | k ~ N(mu_k + (1 - t) sig_k^2 / s_k^2 (x_t - (1 - t) mu_k), sig_k^2 t^2 / s_k^2 I), s_k^2 = (1 - t)^2 sig_k^2 + t^2.
+        The conditional tangent e - x = (x_t - x) / t of such draws averages to v*(x_t, t): tests draw it to check a
+        loss's expected gradient with the tangents training sees. x_t [B, D], t [B]."""
+        x_t = x_t.double()
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])[:, None, None]
+        mu, sig2 = self.means[None], (self.sigmas**2)[None, :, None]
+        var = (1 - tt) ** 2 * sig2 + tt**2
+        diff = x_t[:, None] - (1 - tt) * mu
+        if y is None:
+            logp = self.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * self.dim * var[..., 0].log()
+            y = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
+        rows = torch.arange(len(y))
+        mean, std = (mu + (1 - tt) * sig2 / var * diff)[rows, y], (sig2 * tt**2 / var)[rows, y].sqrt()
+        return mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
+
     def flow_map(self, x, t, s, y=None, steps=100):
         """Exact f*(x_t, t, s): RK4 on v* from t to s in float64 (per-sample t, s)."""
         z = x.double()

@@ -286,17 +286,25 @@ def build(config):
     return {"dit": DiT, "mlp": MLP}[kind](**config)
 
 
-def _atomic_save(tensors, metadata, path):
-    """Temporary file + os.replace: a reader never sees a torn file; the temporary file is
-    removed on every exit path but kill -9 (method files clean stale ones at start-up)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_atomic(path, write):
+    """write(tmp) into a temporary file beside `path` (same extension), then os.replace: a reader
+    never sees a torn file, and a kill leaves only a *.tmp* file (removed at the next start)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _sort_header(tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _atomic_save(tensors, metadata, path):
+    def write(tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _sort_header(tmp)
+
+    write_atomic(path, write)
 
 
 def _sort_header(path):

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.dit import write_atomic  # noqa: F401 - also common.run.write_atomic (the kill tests patch it there)
+
 
 def resume_arg(argv):
     """The value of `--resume RUN` or `--resume=RUN` in argv (None when absent)."""
@@ -336,19 +338,6 @@ def undone(run_dir, step, args, rows=None):
         except (OSError, ValueError, KeyError, TypeError):
             todo.add("summary")
     return todo
-
-
-def write_atomic(path, write):
-    """write(tmp) into a temporary file beside `path` (same extension), then os.replace: a reader
-    never sees a torn file, and a kill leaves only a *.tmp* file (removed at the next start)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def take_lock(run_dir):

@@ -290,3 +290,27 @@ def mnist_fid_ref(tmp_path_factory):
     path = tmp_path_factory.mktemp("fid_ref") / "mnist_ref.npz"
     np.savez(path, mu=np.zeros(dim), sigma=np.eye(dim))
     return path
+
+
+def taylor_exact(x0, t0, s0):
+    """The exact average velocity u* of the default mixture, its x-Jacobian J and du*/dt at each (x0, t0, s0)
+    (u* = v* where s0 = t0): a first-order model of the exact map around each point has u*'s value and first
+    derivatives there, all a loss and its JVP target read, at no cost per row (the posterior tests)."""
+    import torch
+
+    from common.data import default_gmm
+
+    G = default_gmm()
+    P, eye = len(x0), torch.eye(2, dtype=x0.dtype)
+    tangents = (torch.cat([0 * x0, eye[0].expand_as(x0), eye[1].expand_as(x0)]), torch.cat([torch.ones_like(t0), 0 * t0, 0 * t0]))
+    u0, d = torch.func.jvp(lambda z, t_: G.avg_velocity(z, t_, s0.repeat(3), None, steps=12), (x0.repeat(3, 1), t0.repeat(3)), tangents)
+    return u0[:P], torch.stack([d[P:2 * P], d[2 * P:]], -1), d[:P]
+
+
+def ks(sample, cdf):
+    """Kolmogorov-Smirnov distance between a sample and a CDF."""
+    import torch
+
+    x = sample.double().sort().values
+    F, n = cdf(x), len(x)
+    return torch.maximum(torch.arange(1, n + 1) / n - F, F - torch.arange(n) / n).max().item()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.data import default_gmm
-from conftest import load_method
+from conftest import ks, load_method, taylor_exact
 
 af = load_method("alphaflow")
 G = default_gmm()
@@ -152,25 +152,8 @@ def test_bad_input(flags, needle):
 
 
 # ---------------------------------------------------------------- the posterior: conditional tangents e - x (a = 0)
-def posterior_x(x_t, t, gen):
-    """x ~ p(x | x_t) of the mixture, in closed form: k ~ r_k(x_t), x | k ~ N(E[x | x_t, k], sig_k^2 t^2 / s_k^2 I)."""
-    mu, sig2, tt = G.means[None], (G.sigmas**2)[None, :, None], t[:, None, None]
-    var = (1 - tt) ** 2 * sig2 + tt**2
-    diff = x_t[:, None] - (1 - tt) * mu
-    logp = G.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * G.dim * var[..., 0].log()
-    k = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
-    rows = torch.arange(len(k))
-    mean, std = (mu + (1 - tt) * sig2 / var * diff)[rows, k], (sig2 * tt**2 / var)[rows, k].sqrt()
-    return mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
 
 
-def taylor_exact(x0, t0, s0):
-    """u*, du*/dx (J) and du*/dt at (x0, t0, s0): a first-order model of the exact map around each point has u*'s
-    value and first derivatives there, all the loss and its JVP read, at no cost per row."""
-    P, eye = len(x0), torch.eye(2, dtype=x0.dtype)
-    tangents = (torch.cat([0 * x0, eye[0].expand_as(x0), eye[1].expand_as(x0)]), torch.cat([torch.ones_like(t0), 0 * t0, 0 * t0]))
-    u0, d = torch.func.jvp(lambda z, t_: G.avg_velocity(z, t_, s0.repeat(3), None, steps=12), (x0.repeat(3, 1), t0.repeat(3)), tangents)
-    return u0[:P], torch.stack([d[P:2 * P], d[2 * P:]], -1), d[:P]
 
 
 def loss_on_posterior(norm_eps, eps=0.0, P=32, M=2048, ratio=0.75, seed=0):
@@ -184,7 +167,7 @@ def loss_on_posterior(norm_eps, eps=0.0, P=32, M=2048, ratio=0.75, seed=0):
     s[: round((1 - ratio) * P)] = t[: round((1 - ratio) * P)]
     x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(P, 2, generator=gen, dtype=torch.float64)
     X_t, T, S = (z.repeat_interleave(M, 0) for z in (x_t, t, s))
-    x = posterior_x(X_t, T, gen)
+    x = G.posterior_sample(X_t, T, gen)
     e = (X_t - (1 - T[:, None]) * x) / T[:, None]
     u0, J, du_dt = taylor_exact(x_t, t, s)
     direction = torch.nn.functional.normalize(torch.randn(P, 2, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64), dim=1)
@@ -240,11 +223,6 @@ def test_a_step_along_the_expected_gradient_approaches_the_exact_map(norm_eps):
 
 
 # ---------------------------------------------------------------- the parts around the loss
-def ks(sample, cdf):
-    """Kolmogorov-Smirnov distance between a sample and a CDF."""
-    x = sample.double().sort().values
-    F, n = cdf(x), len(x)
-    return torch.maximum(torch.arange(1, n + 1) / n - F, F - torch.arange(n) / n).max().item()
 
 
 @pytest.mark.parametrize("step", [10**6, 50])

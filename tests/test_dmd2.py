@@ -14,7 +14,7 @@ from common.data import GMM, make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
 from conftest import ROOT, assert_resumes_exactly, load_method, read_all, run_inline, run_method
-from test_fm import run_loop
+from test_fm import assert_each_net_moves_in_its_own_step, run_loop
 from test_methods import TINY, TINY_IMG
 
 dmd2 = load_method("dmd2")
@@ -250,17 +250,7 @@ def test_two_time_scale_rule_and_each_net_by_its_own_optimizer(gan_loop):
     assert steps == [("opt_fake", 0), ("opt_fake", 1), ("opt_fake", 2), ("opt", 2), ("opt_fake", 3), ("opt_fake", 4),
                      ("opt_fake", 5), ("opt", 5), ("opt_fake", 6)], steps
     assert all(ev["lr"] == pytest.approx(1e-2 * min(1, (ev["step"] + 1) / 4)) for ev in gan_loop if ev["kind"] == "post")  # both warm up
-    own = {"opt": {"net"}, "opt_fake": {"fake", "disc"}}
-    evs = [ev for ev in gan_loop if ev["kind"] != "batch"]
-    for a, b in zip(evs, evs[1:]):
-        moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
-        if a["kind"] == "pre":
-            assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
-        elif a["kind"] == "post" and a["opt"] == "opt":
-            ema, net = a["w"]["ema"], a["w"]["net"]
-            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.4 * (net - ema), atol=1e-6), a["step"]
-        else:
-            assert not moved, (a["kind"], b["kind"], a["step"], moved)
+    assert_each_net_moves_in_its_own_step(gan_loop, {"opt": {"net"}, "opt_fake": {"fake", "disc"}}, ema_rate=0.4)
 
 
 def test_gan_loss_signs(tmp_path):

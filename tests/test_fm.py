@@ -34,6 +34,22 @@ def grad_norm(net):
     return sum(float(p.grad.abs().sum()) for p in net.parameters() if p.is_leaf and p.grad is not None)  # an EMA lerp leaves non-leaves
 
 
+def assert_each_net_moves_in_its_own_step(events, own, ema_rate):
+    """On a run_loop record: between an optimizer's pre and post hooks exactly the nets in own[optimizer] change;
+    right after the generator's optimizer ("opt") only the EMA moves, by ema + ema_rate (net - ema); nothing
+    moves anywhere else."""
+    evs = [ev for ev in events if ev["kind"] != "batch"]
+    for a, b in zip(evs, evs[1:]):
+        moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
+        if a["kind"] == "pre":
+            assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
+        elif a["kind"] == "post" and a["opt"] == "opt":
+            ema, net = a["w"]["ema"], a["w"]["net"]
+            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + ema_rate * (net - ema), atol=1e-6), a["step"]
+        else:
+            assert not moved, (a["kind"], b["kind"], a["step"], moved)
+
+
 def run_loop(script, flags, nets, keys=(), tmp_path=None):
     """Runs a method file as `python <script> <flags>` in this process (runpy; a tiny gmm run, its evaluation
     stubbed out) and records

@@ -15,7 +15,7 @@ from common.data import GMM, default_gmm
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import energy_distance
 from conftest import ROOT, load_method, read_all, run_inline, run_method
-from test_fm import run_loop
+from test_fm import assert_each_net_moves_in_its_own_step, run_loop
 
 mfd = load_method("mfd")
 G = default_gmm()
@@ -267,17 +267,7 @@ def test_aux_ratio_updates_then_one_student_update(mfd_loop):
     assert [(ev["opt"], ev["step"]) for ev in post] == [(o, k) for k in range(3) for o in ["opt_aux"] * 3 + ["opt"]]
     warm = [0.5, 1.0, 1.0]
     assert all(ev["lr"] == pytest.approx((3e-2 if ev["opt"] == "opt_aux" else 1e-2) * warm[ev["step"]]) for ev in post)
-    own = {"opt": {"net"}, "opt_aux": {"aux"}}
-    evs = [ev for ev in mfd_loop if ev["kind"] != "batch"]
-    for a, b in zip(evs, evs[1:]):
-        moved = {n for n in a["w"] if not torch.equal(a["w"][n], b["w"][n])}
-        if a["kind"] == "pre":
-            assert b["kind"] == "post" and b["opt"] == a["opt"] and moved == own[a["opt"]], (a["opt"], a["step"], moved)
-        elif a["kind"] == "post" and a["opt"] == "opt":
-            ema, net = a["w"]["ema"], a["w"]["net"]
-            assert moved == {"ema"} and torch.allclose(b["w"]["ema"], ema + 0.4 * (net - ema), atol=1e-6), a["step"]
-        else:
-            assert not moved, (a["kind"], b["kind"], a["step"], moved)
+    assert_each_net_moves_in_its_own_step(mfd_loop, {"opt": {"net"}, "opt_aux": {"aux"}}, ema_rate=0.4)
 
 
 def test_each_turn_leaves_gradient_only_in_its_own_net(mfd_loop):

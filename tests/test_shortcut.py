@@ -246,13 +246,7 @@ def test_fm_rows_on_posterior_targets_have_zero_expected_gradient_at_the_exact_v
     t0 = torch.randint(1, 129, (P,), generator=gen).double() / 128
     x_t0 = noisy(x0, t0, 10)
     X, T = x_t0.repeat_interleave(M, 0), t0.repeat_interleave(M, 0)
-    mu, sig2, tt = G.means[None], (G.sigmas**2)[None, :, None], T[:, None, None]
-    var = (1 - tt) ** 2 * sig2 + tt**2
-    diff = X[:, None] - (1 - tt) * mu
-    logp = G.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * G.dim * var[..., 0].log()
-    k = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
-    rows = torch.arange(len(k))
-    x_fm = (mu + (1 - tt) * sig2 / var * diff)[rows, k] + (sig2 * tt**2 / var)[rows, k].sqrt() * torch.randn(len(k), 2, generator=gen, dtype=torch.float64)
+    x_fm = G.posterior_sample(X, T, gen)
     e_fm = (X - (1 - T[:, None]) * x_fm) / T[:, None]
     N = P * M
     nb = N // 7  # bootstrap rows (their own draws) ahead of the N FM rows

@@ -285,22 +285,8 @@ def test_s_is_the_truncated_logit_normal_given_the_gap():
     assert (t <= 1).all() and (s + gap <= 1 + 1e-12).all()
 
 
-def posterior_x_given_class(x_t, t, y, gen):
-    """x ~ p(x | x_t, class y) = N(E[x | x_t, y], sig_y^2 t^2 / s_y^2 I): one component of the mixture."""
-    mu, sig2, tt = G.means[y], (G.sigmas**2)[y][:, None], t[:, None]
-    var = (1 - tt) ** 2 * sig2 + tt**2
-    mean = mu + (1 - tt) * sig2 / var * (x_t - (1 - tt) * mu)
-    return mean + (sig2 * tt**2 / var).sqrt() * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
 
 
-def posterior_x_marginal(x_t, t, gen):
-    """x ~ p(x | x_t) of the mixture: k ~ r_k(x_t), then the component's posterior."""
-    mu, sig2, tt = G.means[None], (G.sigmas**2)[None, :, None], t[:, None, None]
-    var = (1 - tt) ** 2 * sig2 + tt**2
-    diff = x_t[:, None] - (1 - tt) * mu
-    logp = G.weights.log()[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * G.dim * var[..., 0].log()
-    k = torch.multinomial(torch.softmax(logp, 1), 1, generator=gen)[:, 0]
-    return posterior_x_given_class(x_t, t, k, gen)
 
 
 def cfg_field(x, t, y, w):
@@ -321,7 +307,7 @@ def test_fm_term_on_posterior_targets_has_the_cfg_field_at_the_embedded_scale_as
     s2 = torch.sigmoid(-0.4 + torch.randn(P, generator=gen, dtype=torch.float64))
     x_s = (1 - s2[:, None]) * x0 + s2[:, None] * torch.randn(P, 2, generator=gen, dtype=torch.float64)
     X, S2, Y = x_s.repeat_interleave(M, 0), s2.repeat_interleave(M, 0), y0.repeat_interleave(M, 0)
-    x = torch.cat([posterior_x_marginal(X[:4 * M], S2[:4 * M], gen), posterior_x_given_class(X[4 * M:], S2[4 * M:], Y[4 * M:], gen)])
+    x = torch.cat([G.posterior_sample(X[:4 * M], S2[:4 * M], gen), G.posterior_sample(X[4 * M:], S2[4 * M:], gen, Y[4 * M:])])
     e = (X - (1 - S2[:, None]) * x) / S2[:, None]
     out = torch.zeros_like(X, requires_grad=True)
 
