@@ -225,18 +225,24 @@ def test_auto_precision_is_bf16_and_tf32_on_cuda_only(tmp_path, monkeypatch, cud
     import common.eval as ev
     from common.run import setup
 
+    # the TF32 switches are proxied by __setattr__ on objects with an instance __dict__: pytest >= 9.2's
+    # monkeypatch would restore them with delattr (an AttributeError, and every later undo skipped, so
+    # torch.cuda.is_available stayed patched for the rest of the worker). Saved and restored by hand.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(ev, "PRECISION", "fp32")
-    args = _setup_args(tmp_path)
-    _, _, device, _, _ = setup(args, "m")
-    assert device.type == ("cuda" if cuda else "cpu")
-    assert (args.precision, args.tf32) == (("bf16", True) if cuda else ("fp32", False))
-    assert torch.backends.cuda.matmul.allow_tf32 is cuda and ev.PRECISION == args.precision
-    args = _setup_args(tmp_path, precision="fp32", exp_name="n")
-    setup(args, "m")
-    assert (args.precision, args.tf32, ev.PRECISION) == ("fp32", False, "fp32")
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        args = _setup_args(tmp_path)
+        _, _, device, _, _ = setup(args, "m")
+        assert device.type == ("cuda" if cuda else "cpu")
+        assert (args.precision, args.tf32) == (("bf16", True) if cuda else ("fp32", False))
+        assert torch.backends.cuda.matmul.allow_tf32 is cuda and ev.PRECISION == args.precision
+        args = _setup_args(tmp_path, precision="fp32", exp_name="n")
+        setup(args, "m")
+        assert (args.precision, args.tf32, ev.PRECISION) == ("fp32", False, "fp32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
