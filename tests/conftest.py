@@ -104,15 +104,18 @@ def run_here(script, *args, capture=None):
 
 
 def _from(module_or_path, root):
-    """Whether a path, or a module (its file or package folders), lies in root."""
+    """Whether a path, or a module (its file or package folders), lies in root and not in the
+    environment's own folders (a virtual environment made inside the clone, as CI's .ci-venv, holds
+    torch: that is the environment, not the repository)."""
+    env = tuple(os.path.abspath(p) + os.sep for p in {sys.prefix, sys.exec_prefix} if os.path.abspath(p).startswith(root + os.sep))
+    inside = lambda p: (p == root or p.startswith(root + os.sep)) and not (env and (p + os.sep).startswith(env))  # noqa: E731
     if isinstance(module_or_path, str):
-        path = os.path.abspath(module_or_path or ".")
-        return path == root or path.startswith(root + os.sep)
+        return inside(os.path.abspath(module_or_path or "."))
     try:  # (some modules hold odd objects under these names)
         paths = [str(getattr(module_or_path, "__file__", None) or ""), *map(str, getattr(module_or_path, "__path__", None) or [])]
     except Exception:  # noqa: BLE001
         return False
-    return any(p.startswith(root + os.sep) for p in paths)
+    return any(p.startswith(root + os.sep) and inside(p) for p in paths)
 
 
 def run_forked(script, *args, world=1, alone=None, timeout=300):
