@@ -315,7 +315,7 @@ def cm_loss(net, target, teacher_v, x, y, N, args):
     f = consistency(net, x_t, t, y)
     kind = args.distance if args.distance != "auto" else ("l2" if args.recipe == "cm" else "huber")
     d = distance(f, f_tgt, kind, args.huber_c)
-    lam = 1 / (sigma[n.cpu()] - sigma[n.cpu() + 1]).to(x) if args.recipe == "ict" else torch.ones_like(t)
+    lam = 1 / (sigma[:-1] - sigma[1:]).to(x)[n] if args.recipe == "ict" else torch.ones_like(t)  # on the device: no host sync
     loss = (lam * d).mean()
     return loss, {"loss": loss.detach(), "dist": d.mean().detach(), "N": torch.tensor(float(N))}
 
