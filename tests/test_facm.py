@@ -31,7 +31,6 @@ def exact(x_t, t, s, y, steps=50):
     return G.velocity(x_t, t, y) if torch.equal(s, t) else G.avg_velocity(x_t, t, s, y, steps=steps)
 
 
-wrong = lambda x_t, t, s, y: exact(x_t, t, s, y) + 0.1 * torch.sin(x_t) * (1 + t)[:, None]  # noqa: E731
 
 
 def batch(n=256, seed=0):
@@ -73,7 +72,7 @@ def taylor_net(x_t, t, y, extra=None):
     def net(z, t_, s_, y_):
         if torch.equal(s_, t_):
             return G.velocity(z, t_, y_)
-        out = u0 + (J @ (z - x_t)[:, :, None])[:, :, 0] + (t_ - t)[:, None] * dt
+        out = u0 + (J * (z - x_t)[:, None, :]).sum(-1) + (t_ - t)[:, None] * dt
         return out + (extra(z, t_) if extra is not None else 0)
     return net
 
@@ -199,7 +198,7 @@ def posterior_grads(P=24, M=4096, seed=0, **kw):
     def net(z, t_, s_, y):
         if torch.equal(s_, t_):
             return G.velocity(z, t_) + out_fm
-        return u0[i] + (J[i] @ (z - X_t)[:, :, None])[:, :, 0] + (t_ - T)[:, None] * du_dt[i] + out_cm
+        return u0[i] + (J[i] * (z - X_t)[:, None, :]).sum(-1) + (t_ - T)[:, None] * du_dt[i] + out_cm
 
     args = dataclasses.replace(facm.Args(), teacher="none", **kw)
     with mock.patch.object(facm, "sample_t", lambda n, a, like: T), mock.patch.object(torch, "randn_like", lambda z: e):
