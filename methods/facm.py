@@ -53,8 +53,8 @@ Properties (tests/test_facm.py): with a teacher g is deterministic given x_t and
 (clip and weight included). From data (v = e - x) it is not: the clip and the per-sample weight e / sg(e + c)^q
 act on a residual holding the conditional e - x; at u* the expected CM gradient keeps a drift of 0.13-0.17 of
 the per-sample gradient on the gmm (mean over points; up to 0.47), and the cosine part of the anchor pulls the
-FM output toward the mean direction of e - x, not toward v* (a shift of 0.04-0.15 in velocity units). On one-channel images (mnist) the cosine
-over the channel dim is sign(net) sign(v): a constant with zero gradient.
+FM output toward the mean direction of e - x, not toward v* (a shift of 0.04-0.15 in velocity units). On
+one-channel images (mnist) the cosine over the channel dim is sign(net) sign(v): a constant with zero gradient.
 
 Deviations: no c_skip/c_out boundary machinery is needed (f(x, 0) = x by construction); post-hoc EMA (EDM2,
 sigma_rel 0.2) replaced by the ordinary EMA; no torch.compile; the JVP forward and the grad forward are two
