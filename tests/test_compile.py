@@ -49,16 +49,17 @@ def test_dit_forward_and_meanflow_loss_have_no_graph_break():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_compiled_meanflow_loss_and_gradients_equal_eager(dropout, monkeypatch):
+@pytest.mark.parametrize("dropout, dtype", [(0.0, torch.float32), (0.2, torch.float64)])
+def test_compiled_meanflow_loss_and_gradients_equal_eager(dropout, dtype, monkeypatch):
+    """fp32: the times (fp32) reach the net as they are (a slice t[j:] under torch.func.jvp); float64: to rounding."""
     backend = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(common.run, "COMPILE_BACKEND", backend)
     args = mf.Args(ratio=0.5, dropout=dropout)
     fn = common.run.compiled(mf.meanflow_loss, types.SimpleNamespace(compile=True))
-    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 11, (6,))
+    x, y = torch.randn(6, 1, 8, 8, dtype=dtype), torch.randint(0, 11, (6,))
     out = []
     for f in (mf.meanflow_loss, fn):
-        net = tiny_dit(1, dropout, torch.float64).train()
+        net = tiny_dit(1, dropout, dtype).train()
         torch.manual_seed(5)
         loss, terms = f(net, x, y, args, 10)
         loss.backward()
@@ -66,8 +67,9 @@ def test_compiled_meanflow_loss_and_gradients_equal_eager(dropout, monkeypatch):
     torch._dynamo.reset()
     assert backend.frame_count >= 1  # it did compile
     (l0, m0, g0, r0), (l1, m1, g1, r1) = out
-    assert m0 > 0 and torch.allclose(l0, l1, rtol=1e-12, atol=0) and torch.allclose(m0, m1, rtol=1e-12, atol=0)
-    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g0, g1))
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
+    assert m0 > 0 and torch.allclose(l0, l1, rtol=rtol, atol=0) and torch.allclose(m0, m1, rtol=rtol, atol=0)
+    assert all(torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(g0, g1))
     assert r0 == r1  # the loss drew as many random numbers from the global generator
 
 
