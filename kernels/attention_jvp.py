@@ -905,6 +905,12 @@ if HAS_TRITON:
         return gq, gk, gv, torch.empty_like(gq), torch.empty_like(gk), torch.empty_like(gv)
 
 
+def _tracing(x):
+    """Whether a graph is being traced: is_compiling (Dynamo, and AOTAutograd in recent torch), or x is
+    not a plain tensor (AOTAutograd's functional/fake tensors)."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
 def _traced_forward(q, k, v, dq, dk, dv, causal, scale, o, lse):
     o_, do, lse_, mu = _fwd_op(q, k, v, dq, dk, dv, o, lse, causal, scale)
     none = lambda x: None if x.numel() == 0 and x.dim() == 1 else x  # noqa: E731
@@ -914,7 +920,7 @@ def _traced_forward(q, k, v, dq, dk, dv, causal, scale, o, lse):
 def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
     with _no_autocast(q):  # the reference's fp32 matmuls stay fp32
         if _use_triton(q):
-            if torch.compiler.is_compiling():  # Dynamo or AOTAutograd is tracing: one graph node
+            if _tracing(q):  # Dynamo or AOTAutograd is tracing: one graph node
                 return _traced_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
             return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
         return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
@@ -925,7 +931,7 @@ def _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
         return (None,) * 6
     with _no_autocast(q):
         if _use_triton(q):
-            if torch.compiler.is_compiling():
+            if _tracing(q):
                 grads = _bwd_op(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
                 return grads[:3] + ((None,) * 3 if gt is None else grads[3:])
             return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
