@@ -73,7 +73,9 @@ def timestep_embedding(t, dim, max_period=10000.0, dtype=torch.float32):
     needlessly large. Computed in `dtype` (fp32, or float64 for a float64 net)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = t.to(dtype)[:, None] * freqs[None]
+    # the product before the view: under torch.compile, a view of a torch.func.jvp input whose primal is a
+    # slice and whose tangent is not (MeanFlow's t[j:]) trips an internal assert of forward AD (torch 2.14)
+    args = (t.to(dtype) * freqs[:, None]).T
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

@@ -262,6 +262,22 @@ def ddp(module, world):
     return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
 
 
+def compiled(fn, args):
+    """--compile: `fn` (a loss: the network's forwards, its JVPs and the loss, and through AOTAutograd
+    its backward) under torch.compile, else `fn` itself. Attention is one node of the graph
+    (kernels/attention_jvp.py), so the network has no graph break. fallback_random: inductor's own
+    random numbers differ from eager's (the gradients by ~100%), eager's keep a run and its
+    `--resume` the same numbers as without --compile up to rounding. The first steps compile (slow)."""
+    if not args.compile:
+        return fn
+    if COMPILE_BACKEND != "inductor":
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, options={"fallback_random": True})
+
+
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same Dynamo graphs and AOTAutograd, no code generation
+
+
 def no_sync(modules, skip):
     """Within it, DDP modules do not all-reduce (all micro-batches but the last)."""
     stack = contextlib.ExitStack()
@@ -551,7 +567,7 @@ class Run:
 
 GENERIC = {"exp_name", "seed", "dataset", "data_root", "download", "out_dir", "steps", "batch_size", "grad_accum", "lr", "adam_betas",
            "weight_decay", "warmup", "grad_clip", "ema_decay", "hidden", "depth", "heads", "patch_size", "qk_norm", "dropout",
-           "label_dropout", "precision", "tf32", "grad_ckpt", "log_every", "eval_every", "eval_samples", "eval_batch", "eval_steps",
+           "label_dropout", "precision", "tf32", "grad_ckpt", "compile", "log_every", "eval_every", "eval_samples", "eval_batch", "eval_steps",
            "vae", "inception", "fid_ref", "ckpt_every", "resume", "track", "wandb_project", "tensorboard", "device"}
 _ARGS = []  # the running file's args (set by Run), for the NaN guard's message
 

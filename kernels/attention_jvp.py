@@ -75,6 +75,7 @@ import contextlib
 import math
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -850,9 +851,77 @@ def _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale, 
     return gq, gk, gv, gtq, gtk, gtv
 
 
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the Triton launches as custom ops (opaque nodes with a shape rule), used only while
+# a graph is traced; eager calls launch directly (no op-dispatch overhead). The reference is plain
+# torch and is traced as it is.
+# ----------------------------------------------------------------------------------------------
+
+def _empty(x):
+    return x.new_empty(0)
+
+
+if HAS_TRITON:
+
+    @torch.library.custom_op("cleanflow::attention_fwd", mutates_args=())
+    def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: Optional[torch.Tensor],
+                dk: Optional[torch.Tensor], dv: Optional[torch.Tensor], o: Optional[torch.Tensor],
+                lse: Optional[torch.Tensor], causal: bool, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_triton_forward; absent outputs (and the given o, lse of the two-pass form: an op may
+        not return its inputs) come back as empty tensors."""
+        o_, do, lse_, mu = _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
+        two_pass = o is not None
+        return (_empty(q) if two_pass else o_, _empty(q) if do is None else do,
+                _empty(q) if two_pass else lse_, _empty(q) if mu is None else mu)
+
+    @_fwd_op.register_fake
+    def _fwd_fake(q, k, v, dq, dk, dv, o, lse, causal, scale):  # the allocations of _triton_forward
+        B, H, N, _ = q.shape
+        jvp = dq is not None or dk is not None or dv is not None
+        o_ = q.new_empty(B, H, N, v.shape[-1]) if o is None else o
+        stat = lambda: q.new_empty(B, H, N, dtype=torch.float32)  # noqa: E731
+        return (_empty(q) if o is not None else o_, torch.empty_like(o_) if jvp else _empty(q),
+                _empty(q) if o is not None else stat(), stat() if jvp else _empty(q))
+
+    @torch.library.custom_op("cleanflow::attention_bwd", mutates_args=())
+    def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: Optional[torch.Tensor],
+                dk: Optional[torch.Tensor], dv: Optional[torch.Tensor], o: torch.Tensor,
+                do: Optional[torch.Tensor], lse: torch.Tensor, mu: Optional[torch.Tensor],
+                g: Optional[torch.Tensor], gt: Optional[torch.Tensor], causal: bool, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
+        """_triton_backward; the tangents' gradients are empty tensors when gt is None."""
+        grads = _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+        return tuple(_empty(q) if x is None else x for x in grads)
+
+    @_bwd_op.register_fake
+    def _bwd_fake(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
+        B, H, N, D = q.shape
+        M, DV = k.shape[2], v.shape[-1]
+        gq, gk, gv = q.new_empty(B, H, N, D), k.new_empty(B, H, M, D), v.new_empty(B, H, M, DV)
+        if gt is None:
+            return gq, gk, gv, _empty(q), _empty(q), _empty(q)
+        return gq, gk, gv, torch.empty_like(gq), torch.empty_like(gk), torch.empty_like(gv)
+
+
+def _tracing(x):
+    """Whether a graph is being traced: is_compiling (Dynamo, and AOTAutograd in recent torch), or x is
+    not a plain tensor (AOTAutograd's functional/fake tensors)."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def _traced_forward(q, k, v, dq, dk, dv, causal, scale, o, lse):
+    o_, do, lse_, mu = _fwd_op(q, k, v, dq, dk, dv, o, lse, causal, scale)
+    none = lambda x: None if x.numel() == 0 and x.dim() == 1 else x  # noqa: E731
+    return (o_ if o is None else o), none(do), (lse_ if o is None else lse), none(mu)
+
+
 def _forward(q, k, v, dq, dk, dv, causal, scale, o=None, lse=None):
     with _no_autocast(q):  # the reference's fp32 matmuls stay fp32
         if _use_triton(q):
+            if _tracing(q):  # Dynamo or AOTAutograd is tracing: one graph node
+                return _traced_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
             return _triton_forward(q, k, v, dq, dk, dv, causal, scale, o, lse)
         return attention_jvp_reference(q, k, v, dq, dk, dv, causal, scale, o, lse)
 
@@ -862,6 +931,9 @@ def _backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale):
         return (None,) * 6
     with _no_autocast(q):
         if _use_triton(q):
+            if _tracing(q):
+                grads = _bwd_op(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
+                return grads[:3] + ((None,) * 3 if gt is None else grads[3:])
             return _triton_backward(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal, scale)
         return attention_backward_reference(q, k, v, dq, dk, dv, o, do, lse, mu, g, gt, causal,
                                             scale)
@@ -1102,5 +1174,13 @@ def sdpa(q, k, v, causal=False, scale=None):
     amp = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)  # autocast knows no meta device
     dt = torch.get_autocast_dtype(dev) if amp else v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    o, _ = _SDPA.apply(q, k, v, causal, _default_scale(q, scale), _Stash())
-    return o
+    return _sdpa(q, k, v, causal, _default_scale(q, scale))
+
+
+@torch.compiler.allow_in_graph
+def _sdpa(q, k, v, causal, scale):
+    """_SDPA as one node of a torch.compile graph: Dynamo refuses an autograd.Function with a custom
+    jvp ("Unsupported custom jvp", a graph break at every attention call) but puts this function in
+    the graph untraced; AOTAutograd then traces it with its forward, backward and jvp rules
+    (under torch.func.jvp too). Eager calls are unchanged (allow_in_graph returns the function)."""
+    return _SDPA.apply(q, k, v, causal, scale, _Stash())[0]

@@ -60,8 +60,8 @@ from tqdm import tqdm
 from common.data import make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (Run, check_net, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
-                        stop_if_nonfinite)
+from common.run import (Run, check_net, compiled, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args,
+                        setup, stop_if_nonfinite)
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Args:
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
     """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
+    compile: bool = False
+    """torch.compile the loss with its backward (attention is one graph node; eager's random numbers: --resume stays exact)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
@@ -308,6 +310,7 @@ if __name__ == "__main__":
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
     saved = {"net": net, "ema": ema, "opt": opt, "fake": fake, "disc": disc, "opt_fake": opt_fake, "gen_log": gen_log}
     ddp_net, ddp_fake = ddp(net, world), ddp(fake, world)
+    dm_loss, fake_loss = compiled(dm_loss, args), compiled(fake_loss, args)  # --compile (common/run.py)
     ddp_disc = ddp(disc, world) if args.gan_weight > 0 else disc  # an unused DDP module would stall the reducer
 
     # ---- resume

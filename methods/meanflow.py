@@ -47,6 +47,7 @@ ratio 0.25, w 1.0, k 0.5, c 0.01, p 1.0. Our default k is 0 (no guidance), so th
 are comparable with the exact (unguided) oracle and with the unguided fm teacher; pass
 --cfg-kappa 0.5 for the paper's effective scale 2. Reference: results/meanflow/<dataset>/
 """
+import contextlib
 import copy
 import os
 import time
@@ -59,8 +60,8 @@ from tqdm import tqdm
 from common.data import make_loader
 from common.dit import DiT, MLP, save
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (Run, check_net, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
-                        stop_if_nonfinite)
+from common.run import (Run, check_net, compiled, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args,
+                        setup, stop_if_nonfinite)
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Args:
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
     """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
+    compile: bool = False
+    """torch.compile the loss with its backward (attention is one graph node; eager's random numbers: --resume stays exact)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
@@ -215,7 +218,7 @@ def mean_velocity_and_target(net, x_t, t, s, y, v_g, m, dropout):
     j = 0 if dropout > 0 else m
     u_tgt = v_g.clone()
     if j < len(x_t):
-        with torch.no_grad(), torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []):
+        with torch.no_grad(), (torch.random.fork_rng([x_t.device] if x_t.is_cuda else []) if dropout > 0 else contextlib.nullcontext()):
             _, du_dt = torch.func.jvp(lambda z, t_: net(z, t_, s[j:], y[j:]), (x_t[j:], t[j:]), (v_g[j:], torch.ones_like(t[j:])))
         u_tgt[j:] = v_g[j:] - (t[j:] - s[j:]).view(-1, *[1] * (x_t.dim() - 1)) * du_dt
     return net(x_t, t, s, y), u_tgt
@@ -285,6 +288,7 @@ if __name__ == "__main__":
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
     saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides the data stream
     ddp_net = ddp(net, world)
+    meanflow_loss = compiled(meanflow_loss, args)  # --compile (common/run.py)
 
     # ---- resume
     step, wall0 = 0, 0.0  # wall0: wall time of earlier segments

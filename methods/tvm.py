@@ -73,8 +73,8 @@ from tqdm import tqdm
 from common.data import make_loader
 from common.dit import DiT, MLP, save
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (Run, check_net, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
-                        stop_if_nonfinite)
+from common.run import (Run, check_net, compiled, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args,
+                        setup, stop_if_nonfinite)
 
 
 @dataclass
@@ -129,6 +129,8 @@ class Args:
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
     """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
+    compile: bool = False
+    """torch.compile the loss with its backward (attention is one graph node; eager's random numbers: --resume stays exact)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
@@ -182,6 +184,8 @@ class Args:
 
 def check_args(args):
     # ---- checks: a clear one-line error naming the flag (the generic flags: common/run.py)
+    if args.compile:  # torch 2.14: layer_norm's forward AD fails on Dynamo's fake tensors (an internal assert)
+        raise SystemExit("--compile: TVM's dual-number JVP (torch.autograd.forward_ad) does not compile yet; run without --compile")
     if args.gap_sigma <= 0 or args.s_sigma <= 0:
         raise SystemExit(f"--gap-sigma {args.gap_sigma} / --s-sigma {args.s_sigma}: expected positive values")
     # s is drawn below logit(1 - gap) by inverse CDF: at the gap's +3 sigma quantile the s law must keep mass there
@@ -313,6 +317,7 @@ if __name__ == "__main__":
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k, null, args)
     saved = {"net": net, "ema": ema, "ema_target": ema_target, "opt": opt}  # what a checkpoint holds besides the data stream
     ddp_net = ddp(net, world)
+    tvm_loss = compiled(tvm_loss, args)  # --compile (common/run.py)
 
     # ---- resume
     step, wall0 = 0, 0.0  # wall0: wall time of earlier segments
