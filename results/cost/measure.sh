@@ -8,7 +8,7 @@
 # branch, FSF-DMD (M = 2), MFD at the reference run's ODE step and at the VSD limit, SplitMeanFlow,
 # AYF (EMD) and FreeFlow (JVP derivative); trained from data: iMF, alpha-Flow in its costliest
 # regime, a = 0 from step 1 on (--alpha-k-init 0 --alpha-k-end 1: the MeanFlow JVP target), TVM and Shortcut, each at
-# its defaults. Same DiT and batch as the mnist reference runs. Run it on a quiet machine; then
+# its defaults; the consistency models cm, ect, scm, facm and ctm at their defaults. Same DiT and batch as the mnist reference runs. Run it on a quiet machine; then
 #     OUT=results/cost/runs2 bash results/cost/measure.sh   (a second pass: the table shows both)
 #     python results/make_table.py   (rewrites results/cost/cost.md from table.py and the README)
 # ONLY="imf tvm" runs only the configs whose run name starts with one of these words, and then
@@ -46,3 +46,9 @@ if want shortcut; then python methods/shortcut.py $NET --out-dir $OUT/shortcut; 
 if want splitmeanflow; then python methods/splitmeanflow.py $NET --out-dir $OUT/splitmeanflow; fi
 if want ayf; then python methods/ayf.py $NET --out-dir $OUT/ayf; fi
 if want freeflow; then python methods/freeflow.py $NET --out-dir $OUT/freeflow; fi
+# consistency models (issue 25), distilled from / initialized by the fm mnist teacher, each at its defaults
+if want cm; then python methods/cm.py $NET --out-dir $OUT/cm; fi
+if want ect; then python methods/ect.py $NET --out-dir $OUT/ect; fi
+if want scm; then python methods/scm.py $NET --out-dir $OUT/scm; fi
+if want facm; then python methods/facm.py $NET --out-dir $OUT/facm; fi
+if want ctm; then python methods/ctm.py $NET --out-dir $OUT/ctm; fi

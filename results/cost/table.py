@@ -67,6 +67,17 @@ def estimate(method, a):
         tg = 2 if a["teacher_cfg"] != 1 else 1
         return 5 + tg * p + (4 + tg) * (1 - p), (f"{a['deriv']} 2 (all rows) + 3 + teacher {tg} x {p:g} + (aux 1 + teacher {tg} "
                                                  f"+ aux fwd/bwd 3) x {1 - p:g} (Dieleman: 12)")
+    if method == "cm":  # student fwd/bwd 3 + target fwd 1 (+ CD: the teacher's Heun step 2, Euler 1)
+        tg = (2 if a["solver"] == "heun" else 1) if a["mode"] == "cd" else 0
+        return 4 + tg, f"3 + target 1" + (f" + teacher {a['solver']} {tg}" if tg else "") + " (Dieleman: CD 5, CT 4)"
+    if method == "ect":  # fwd/bwd 3 + the self-target fwd 1 (no teacher in the loss)
+        return 4, "3 + target 1 (not in Dieleman's table; CT there: 4)"
+    if method == "scm":  # no-grad JVP 2 + fwd/bwd 3 (+ sCD: teacher 1, 2 guided); the log-variance head is tiny
+        tg = 0 if a["mode"] == "sct" else (2 if a["teacher_cfg"] != 1 else 1)
+        return 5 + tg, f"no-grad JVP 2 + 3" + (f" + teacher {tg}" if tg else "") + " (not in Dieleman's table)"
+    if method == "facm":  # no-grad JVP 2 + CM fwd/bwd 3 + FM fwd/bwd 3 + teacher (1, 2 guided; 0 from data)
+        tg = 0 if a["teacher"] == "none" else (2 if a["teacher_cfg"] != 1 else 1)
+        return 8 + tg, f"no-grad JVP 2 + CM 3 + FM 3 + teacher {tg} (Dieleman: 8, the JVP's primal taken with grad)"
     return None, "—"
 
 
