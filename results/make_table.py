@@ -278,7 +278,10 @@ def leaderboard():
                                       ("mnist", True, "mnist, distilled from results/fm/mnist (2000 steps, batch 64)")):
         text += [f"## {title}", "", leaderboard_section(dataset, distilled), ""]
     text.append("On gmm, fm_err (the distance to the exact ODE endpoint of the same noise) means something only for methods "
-                "that keep the noise-to-data coupling (the flow maps); DMD2 and MFD match distributions: compare them by ed.")
+                "that keep the noise-to-data coupling (the flow maps); DMD2 and MFD match distributions: compare them by ed. "
+                "Samplers that re-noise between steps (the multistep consistency sampler of cm, ect, scm and facm; ctm with "
+                "gamma > 0) leave the deterministic path from their second step on, by design: read their fm_err at 1 step "
+                "only, and ed at every step count.")
     return "\n".join(text) + "\n"
 
 
