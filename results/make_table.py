@@ -46,11 +46,12 @@ METHODS = {
     "dmd2": ("DMD2", "distribution matching (fake velocity net)", "[Yin et al. 2024](https://arxiv.org/abs/2405.14867)"),
     "fsf_dmd": ("FSF-DMD (a reconstruction)", "distribution matching, no fake net + consistency", "seed 003 (2026)"),
     "mfd": ("Mean Flow Distillation", "distribution matching along average velocities", "seed 004 (ICML 2026)"),
+    "ctm": ("Consistency Trajectory Models", "consistency distillation (trajectory, teacher ODE)", "[Kim et al. 2024](https://arxiv.org/abs/2310.02279)"),
 }
-DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow")  # everything else trains from data
+DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ctm")  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "shortcut": 8, "splitmeanflow": 9, "ayf": 6, "freeflow": 12,
-           "alphaflow": None, "dmd2": None, "fsf_dmd": None, "mfd": None}
+           "alphaflow": None, "dmd2": None, "fsf_dmd": None, "mfd": None, "ctm": 7}
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}
 # the leaderboard's standard budgets: (steps, required args)
