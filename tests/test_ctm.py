@@ -355,10 +355,15 @@ def test_gamma_sampler():
     exact10 = lambda z, a, b, y_: GMM.avg_velocity(z, a, b, y_, steps=10)
     real = GMM.sample(2000, torch.Generator().manual_seed(4))[0]
     ode = ctm.sample(exact10, e, y, 2)
+    mean, cov = GMM.moments()
+    cov_half = 0.25 * cov + 0.25 * torch.eye(2, dtype=torch.float64)  # x_t at t = 0.5: (1 - t)^2 Cov[x] + t^2 I
     for gamma in (0.6, 1.0):
+        inputs = []
         torch.manual_seed(0)
-        x1 = ctm.sample(exact10, e, y, 2, gamma=gamma)
+        x1 = ctm.sample(lambda z, a, b, y_: (inputs.append(z), exact10(z, a, b, y_))[1], e, y, 2, gamma=gamma)
         assert (x1 - ode).norm(dim=1).mean() > 0.2 and energy_distance(x1.float(), real.float()) < 0.006, gamma
+        z = inputs[1]  # the second step's input: re-noised to the marginal at t = 0.5 (trace of the covariance, se ~0.04)
+        assert (z.mean(0) - 0.5 * mean).abs().max() < 0.1 and abs(torch.cov(z.T).trace() - cov_half.trace()) < 0.12, (gamma, torch.cov(z.T))
     torch.manual_seed(0)
     biased10 = lambda z, a, b, y_: exact10(z, a, b, y_) + 0.3 * z
     assert energy_distance(ctm.sample(biased10, e, y, 2, gamma=1.0).float(), real.float()) > 0.02  # the check can fail
