@@ -76,8 +76,8 @@ from tqdm import tqdm
 from common.data import make_loader
 from common.dit import DiT, MLP, load_teacher, save
 from common.eval import Evaluator, save_grid, time_forward
-from common.run import (Run, check_net, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args, setup,
-                        stop_if_nonfinite)
+from common.run import (Run, check_net, compiled, ddp, load_checkpoint, mean_terms, micro_seed, no_sync, parse_args,
+                        setup, stop_if_nonfinite)
 
 
 @dataclass
@@ -132,6 +132,8 @@ class Args:
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
     """activation checkpointing of the DiT blocks on forwards with grad (less memory, more compute)"""
+    compile: bool = False
+    """torch.compile the loss with its backward (attention is one graph node; eager's random numbers: --resume stays exact)"""
     log_every: int = 50
     """write a metrics row every this many steps"""
     eval_every: int = 1000
@@ -359,6 +361,7 @@ if __name__ == "__main__":
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k, args.sample_gamma, args.t_min)
     saved = {"net": net, "ema": ema, "ema_target": ema_target, "opt": opt}  # what a checkpoint holds besides the data stream
     ddp_net = ddp(net, world)
+    ctm_loss = compiled(ctm_loss, args)  # --compile (common/run.py)
 
     # ---- resume
     step, wall0 = 0, 0.0  # wall0: wall time of earlier segments

@@ -78,6 +78,10 @@ def estimate(method, a):
     if method == "facm":  # no-grad JVP 2 + CM fwd/bwd 3 + FM fwd/bwd 3 + teacher (1, 2 guided; 0 from data)
         tg = 0 if a["teacher"] == "none" else (2 if a["teacher_cfg"] != 1 else 1)
         return 8 + tg, f"no-grad JVP 2 + CM 3 + FM 3 + teacher {tg} (Dieleman: 8, the JVP's primal taken with grad)"
+    if method == "ctm":  # teacher Heun 2 E[k]; student inner fwd/bwd 3; target net's outer jump fwd + bwd to its input 3;
+        ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
+        d = 3 if a["dsm_weight"] > 0 else 0
+        return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
     return None, "—"
 
 
