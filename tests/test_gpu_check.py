@@ -23,6 +23,10 @@ def test_gpu_check_dry_run(tmp_path):
     # section 1 compared the fused and two-pass paths with the float64 reference (not a vacuous pass)
     errs = [r["grads fused (max of 6)"] for r in data["sections"]["1"]["rows"] if "grads fused (max of 6)" in r]
     assert errs and max(errs) < 1e-5
+    # section 3 timed every planned step, eager and compiled (an exception would leave its text in ms/step)
+    rows = data["sections"]["3"]["rows"]
+    assert all(isinstance(r["ms/step"], float) for r in rows), rows
+    assert {r["compile"] for r in rows} == {False, True}
     # section 4 ran both method files to the end and logged finite losses
     assert {r["method"] for r in data["sections"]["4"]["rows"] if r["exit"] == 0 and r["finite"]} == {"meanflow", "tvm"}
     assert (tmp_path / report.replace(".json", ".md")).read_text().count("## ") == 6

@@ -404,12 +404,16 @@ def load_method(name):
     return mod
 
 
-def train_step_case(method, size, batch, dev, dry, grad_ckpt=False, reps=5):
+def train_step_case(method, size, batch, dev, dry, grad_ckpt=False, reps=5, compile=False):
     import copy
 
+    import common.run as R
     from common.dit import DiT
     mod = load_method(method)
     args = mod.Args()
+    args.compile = compile  # --compile: the file's loss with its backward under torch.compile (common/run.py)
+    R.COMPILE_BACKEND = "aot_eager" if dry else "inductor"  # the dry run checks the wiring, not inductor's code generation
+    loss_fn = R.compiled(getattr(mod, f"{method}_loss"), args)
     cfgs = {"B/2": (768, 12, 12), "XL/2": (1152, 28, 16), "tiny": (32, 1, 2)}
     hidden, depth, heads = cfgs[size]
     res, ncls = (8, 10) if dry else (32, 1000)
@@ -426,18 +430,20 @@ def train_step_case(method, size, batch, dev, dry, grad_ckpt=False, reps=5):
     def step():
         with amp:
             if method == "fm":
-                loss, _ = mod.fm_loss(net, x, y, args)
+                loss, _ = loss_fn(net, x, y, args)
             elif method == "meanflow":
-                loss, _ = mod.meanflow_loss(net, x, y, args, ncls)
+                loss, _ = loss_fn(net, x, y, args, ncls)
             else:
-                loss, _ = mod.tvm_loss(net, target, x, y, args, ncls)
+                loss, _ = loss_fn(net, target, x, y, args, ncls)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     for _ in range(1 if dry else 2):
         step()
     sync()
+    warm = time.perf_counter() - t0  # with --compile: the compilation
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -445,7 +451,8 @@ def train_step_case(method, size, batch, dev, dry, grad_ckpt=False, reps=5):
         step()
     sync()
     ms = (time.perf_counter() - t0) / reps * 1e3
-    row = {"method": method, "DiT": size, "batch/GPU": batch, "grad ckpt": grad_ckpt, "ms/step": ms, "images/s": batch / ms * 1e3,
+    row = {"method": method, "DiT": size, "batch/GPU": batch, "grad ckpt": grad_ckpt, "compile": compile, "warm-up s": warm,
+           "ms/step": ms, "images/s": batch / ms * 1e3,
            "peak GB": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
            "params M": sum(p.numel() for p in net.parameters()) / 1e6}
     try:  # GPU-kernel time over wall time, from the profiler over 2 steps
@@ -467,11 +474,12 @@ def train_step_case(method, size, batch, dev, dry, grad_ckpt=False, reps=5):
 
 def s3_train(dev, dry, budget_end):
     if dry:
-        plan = [("fm", "tiny", 2, False), ("meanflow", "tiny", 2, False), ("meanflow", "tiny", 2, True), ("tvm", "tiny", 2, False)]
-    else:
+        plan = [("fm", "tiny", 2, False), ("meanflow", "tiny", 2, False), ("meanflow", "tiny", 2, True), ("tvm", "tiny", 2, False),
+                ("meanflow", "tiny", 2, "compile")]
+    else:  # "compile": --compile instead of --grad-ckpt (tvm refuses --compile: its dual-number JVP does not trace)
         plan = [("fm", "B/2", 32, False), ("meanflow", "B/2", 32, False), ("meanflow", "B/2", 256, False),
                 ("meanflow", "B/2", 256, True), ("tvm", "B/2", 32, False), ("tvm", "B/2", 64, False),
-                ("meanflow", "XL/2", 32, False), ("tvm", "XL/2", 32, False)]
+                ("meanflow", "XL/2", 32, False), ("tvm", "XL/2", 32, False), ("fm", "B/2", 32, "compile"), ("meanflow", "B/2", 32, "compile")]
     rows = []
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -480,7 +488,7 @@ def s3_train(dev, dry, budget_end):
             rows.append({"method": method, "DiT": size, "batch/GPU": batch, "ms/step": "skipped (section time box)"})
             continue
         try:
-            rows.append(train_step_case(method, size, batch, dev, dry, ckpt))
+            rows.append(train_step_case(method, size, batch, dev, dry, ckpt is True, compile=ckpt == "compile"))
         except torch.OutOfMemoryError:
             rows.append({"method": method, "DiT": size, "batch/GPU": batch, "grad ckpt": ckpt, "ms/step": "OOM"})
         except Exception as err:  # noqa: BLE001
@@ -489,7 +497,8 @@ def s3_train(dev, dry, budget_end):
             torch.cuda.empty_cache()
     notes = ["one process, bf16 autocast with fp32 master weights, TF32 on, fused AdamW; each method file's own loss function on random "
              "latents 4x32x32 (ImageNet 256 through SD-VAE), patch 2 (256 tokens), 1000 classes; median-free mean of 5 steps after 2 warm-up steps",
-             "eager mode only: the method files have no --compile yet (issue 24 item 3)",
+             "compile True: the loss with its backward under torch.compile (inductor, fallback_random) as --compile does; "
+             "warm-up s: the first steps' wall time (with compile: the compilation); eager otherwise",
              "GPU busy: CUDA kernel time summed by torch.profiler over 2 steps / their wall time under the profiler (1.0 = never waiting on the host; the profiler adds host time, so this is a lower bound)"]
     return rows, notes
 
