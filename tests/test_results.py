@@ -214,3 +214,10 @@ def test_page_flags_are_the_files_own_args():
     rows = mt.page_flags("tvm").splitlines()[2:]
     assert [r.split(" | ")[0].strip("| `") for r in rows] == ["--" + f.name.replace("_", "-") for f in own]
     assert [r.split(" | ")[1].strip("`") for r in rows] == [repr(f.default) for f in own]
+
+
+def test_readme_is_a_front_page():
+    """The README stays a front page of at most 25 KB as method files (and their table rows) are added:
+    details belong on the pages (results/<method>/README.md) and beside what they describe."""
+    size = os.path.getsize(os.path.join(ROOT, "README.md"))
+    assert size <= 25 * 1024, f"README.md is {size} bytes: move details to the pages"
