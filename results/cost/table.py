@@ -112,43 +112,49 @@ def passes(name):
     return out
 
 
-print("| run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
-print("|---|---|---|---|---|---|")
-params = {}  # run -> parameter count (the guidance inputs of imf and tvm add embeddings)
-for path in sorted(glob.glob(os.path.join(HERE, "runs", "*", "*", "mnist", "summary.json"))):
-    args = json.load(open(os.path.join(os.path.dirname(path), "args.json")))
-    name = os.path.relpath(path, os.path.join(HERE, "runs")).split(os.sep)[0]
-    ss = passes(name)
-    s = ss[0]
-    est, how = estimate(s["method"], args)
-    params[name] = s["params"]
-    cell = lambda key, f: " / ".join(f.format(x[key]) for x in ss)
-    print(f"| {name} | {est:.3g} | {how} | {cell('sec_per_step', '{:.3f}')} | {cell('fwd_time_s', '{:.4f}')} | {cell('fpe', '{:.2f}')} |")
-hw = s["hardware"]
-common = max(set(params.values()), key=list(params.values()).count)
-others = "".join(f", {n} {p}" for n, p in params.items() if p != common)
-others = f" ({others[2:]}: their extra inputs' embeddings)" if others else ""
-print(f"\nCPU ({hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}), batch {args['batch_size']}, "
-      f"{common} parameters{others}; median step time over the run (60 steps; mfd 20); forward time: median of 10 "
-      "at start-up. Where a cell holds two numbers they are two passes of measure.sh, one after the other "
-      "on the same quiet machine: their spread is the noise of these figures. One training step is the "
-      "file's own --steps unit: a DMD2 step updates the generator once in `ttur`, an MFD step is `ratio` "
-      "auxiliary updates and one student update. No GPU.")
-
-# The mnist reference runs (results/<method>/mnist): the same estimate for their own arguments against
-# the FPE each run logged over its whole length, one thread per run.
-refs = sorted(glob.glob(os.path.join(HERE, "..", "*", "mnist", "summary.json")))
-if refs:
-    print("\n| reference run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
+def main():
+    """Print cost.md: the estimate against the measurement for every measured run and reference run."""
+    print("| run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
     print("|---|---|---|---|---|---|")
-    for path in refs:
-        s = json.load(open(path))
-        est, how = estimate(s["method"], json.load(open(os.path.join(os.path.dirname(path), "args.json"))))
-        print(f"| {s['method']} | {'—' if est is None else f'{est:.3g}'} | {how} | {s['sec_per_step']:.3f} | "
-              f"{s['fwd_time_s']:.4f} | {s['fpe']:.2f} |")
-    multi = [f"{s['method']} {s['hardware']['threads']}" for s in map(lambda p: json.load(open(p)), refs)
-             if s.get("hardware", {}).get("threads", 1) != 1]
-    print("\nThe mnist reference runs of the results table (batch 64, the mnist DiT), one thread each"
-          + (f" (threads where not 1: {', '.join(multi)})" if multi else "") + ", most of them next to other runs "
-          "on the 2 cores: s/step is the median over the whole run, the forward time the median of "
-          "10 at start-up. Not a quiet machine: read the ratios.")
+    params = {}  # run -> parameter count (the guidance inputs of imf and tvm add embeddings)
+    for path in sorted(glob.glob(os.path.join(HERE, "runs", "*", "*", "mnist", "summary.json"))):
+        args = json.load(open(os.path.join(os.path.dirname(path), "args.json")))
+        name = os.path.relpath(path, os.path.join(HERE, "runs")).split(os.sep)[0]
+        ss = passes(name)
+        s = ss[0]
+        est, how = estimate(s["method"], args)
+        params[name] = s["params"]
+        cell = lambda key, f: " / ".join(f.format(x[key]) for x in ss)
+        print(f"| {name} | {est:.3g} | {how} | {cell('sec_per_step', '{:.3f}')} | {cell('fwd_time_s', '{:.4f}')} | {cell('fpe', '{:.2f}')} |")
+    hw = s["hardware"]
+    common = max(set(params.values()), key=list(params.values()).count)
+    others = "".join(f", {n} {p}" for n, p in params.items() if p != common)
+    others = f" ({others[2:]}: their extra inputs' embeddings)" if others else ""
+    print(f"\nCPU ({hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}), batch {args['batch_size']}, "
+          f"{common} parameters{others}; median step time over the run (60 steps; mfd 20); forward time: median of 10 "
+          "at start-up. Where a cell holds two numbers they are two passes of measure.sh, one after the other "
+          "on the same quiet machine: their spread is the noise of these figures. One training step is the "
+          "file's own --steps unit: a DMD2 step updates the generator once in `ttur`, an MFD step is `ratio` "
+          "auxiliary updates and one student update. No GPU.")
+
+    # The mnist reference runs (results/<method>/mnist): the same estimate for their own arguments against
+    # the FPE each run logged over its whole length, one thread per run.
+    refs = sorted(glob.glob(os.path.join(HERE, "..", "*", "mnist", "summary.json")))
+    if refs:
+        print("\n| reference run | FPE (Dieleman's rules) | how | s/step | forward s | FPE measured |")
+        print("|---|---|---|---|---|---|")
+        for path in refs:
+            s = json.load(open(path))
+            est, how = estimate(s["method"], json.load(open(os.path.join(os.path.dirname(path), "args.json"))))
+            print(f"| {s['method']} | {'—' if est is None else f'{est:.3g}'} | {how} | {s['sec_per_step']:.3f} | "
+                  f"{s['fwd_time_s']:.4f} | {s['fpe']:.2f} |")
+        multi = [f"{s['method']} {s['hardware']['threads']}" for s in map(lambda p: json.load(open(p)), refs)
+                 if s.get("hardware", {}).get("threads", 1) != 1]
+        print("\nThe mnist reference runs of the results table (batch 64, the mnist DiT), one thread each"
+              + (f" (threads where not 1: {', '.join(multi)})" if multi else "") + ", most of them next to other runs "
+              "on the 2 cores: s/step is the median over the whole run, the forward time the median of "
+              "10 at start-up. Not a quiet machine: read the ratios.")
+
+
+if __name__ == "__main__":
+    main()
