@@ -221,3 +221,19 @@ def test_readme_is_a_front_page():
     details belong on the pages (results/<method>/README.md) and beside what they describe."""
     size = os.path.getsize(os.path.join(ROOT, "README.md"))
     assert size <= 25 * 1024, f"README.md is {size} bytes: move details to the pages"
+
+
+def test_findings_name_the_best_run_at_the_standard_step_and_those_within_ten_percent(tmp_path, monkeypatch):
+    """results/README.md's 'what the leaderboard shows' is generated from the standard step, not the last one."""
+    (tmp_path / "methods").mkdir()
+    for m in ("fm", "meanflow", "dmd2", "ayf"):
+        (tmp_path / "methods" / f"{m}.py").write_text(f'"""{m}."""\n')
+    monkeypatch.setattr(mt, "DISTILLED", ("dmd2", "ayf"))
+    fake_run(tmp_path, "results/fm/gmm", 0, 5000, 256, [(3000, 0.05), (5000, 0.001)])  # step 5000 must not count
+    fake_run(tmp_path, "results/meanflow/gmm", 0, 3000, 256, [(3000, 0.0104)])
+    fake_run(tmp_path, "results/dmd2/gmm", 0, 3000, 256, [(3000, 0.0100)])
+    fake_run(tmp_path, "results/ayf/gmm", 0, 3000, 256, [(3000, 0.0125)])
+    monkeypatch.setattr(mt, "ROOT", str(tmp_path))
+    mt._CACHE = {}
+    row = [r for r in mt.findings().splitlines() if r.startswith("| gmm | 1 |")][0].split(" | ")
+    assert row[3:8] == ["dmd2 0.01", "meanflow 0.0104", "meanflow 0.0104", "dmd2 0.01", "3 of 3 (0.05)"], row
