@@ -82,6 +82,9 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "pid":  # two student evaluations with grad (fd: two forwards; jvp: fwd + JVP) 2 + bwd through both 4 + teacher at f
+        tg = 2 if a["teacher_cfg"] != 1 else 1
+        return 6 + tg, f"{a['derivative']}: 2 student evaluations with grad 2 + bwd through both 4 + teacher {tg} (Dieleman: 7)"
     return None, "—"
 
 
