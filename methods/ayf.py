@@ -23,7 +23,14 @@ with a normalized step (the paper's tangent normalization):
 
 The f-space form weights the u-gradient by an extra (t - s). At r = 1 and the exact flow map of
 v_T, g = 0 for both objectives; at r < 1 the EMD fixed point is biased by (1 - r)(t - s) du_dt
-(tests/test_ayf.py checks both). Times (`--time-dist pair`, FastGen): two draws of LN(-0.8, 1.6)
+(tests/test_ayf.py checks both).
+AYF = map distillation + stop-gradient + tangent normalization: EMD and LMD are Boffi, Albergo, Vanden-Eijnden's
+Eulerian / Lagrangian map distillation (arXiv 2406.07507; 2505.18825 App. B), loss ||g||^2 differentiated through
+u, its JVP and (LMD) the teacher's input f. AYF keeps the gradient through u alone: 2 w g du/dtheta, the stop-gradient
+version of sg(w) ||g||^2. `--tangent-grad` removes that stop-gradient (one JVP WITH grad, forward-AD dual numbers in
+fp32): 2 w g dg/dtheta, Boffi's loss under AYF's weight w (||g|| << c: Boffi's plain loss / c; >> c: the norm
+2 ||g||); the logged loss is ||w g||^2 either way. (The 2024 code's `lagrangian_distill` differentiates the map at
+its output instead of at x_t, and does not import: not followed.) Times (`--time-dist pair`, FastGen): two draws of LN(-0.8, 1.6)
 clamped to [t_eps, 1 - t_eps], t = max, s = min, and s = t on a fraction 1 - ratio of the rows
 (FastGen r_sample_ratio); `--time-dist gap`: d = sigmoid(N(gap_mu, gap_sigma)), s ~ U(0, 1 - d),
 t = s + d (an unverified re-implementation's law, also used by fsf_dmd.py). Guidance: classifier-
@@ -32,8 +39,8 @@ autoguidance (a weaker teacher: pass --weak-teacher, then v = v_weak + w (v_T - 
 Sampling: K flow-map steps; gamma-sampling (`--sample-gamma`) jumps from t_k to (1 - gamma) t_{k+1}
 and re-noises to t_{k+1}: gamma 0 is deterministic (FastGen "ode"), gamma 1 jumps to 0 and
 re-noises (FastGen "sde", consistency-model sampling).
-Where: sample_ts (times), guided (teacher), ayf_g (EMD / LMD directions), ayf_loss (normalized
-regression), sample (deterministic and gamma sampler).
+Where: sample_ts (times), guided (teacher), ayf_g (EMD / LMD directions, with or without the stop-gradient),
+ayf_loss (normalized regression), sample (deterministic and gamma sampler).
 
 Official code over the paper: r_max defaults to 1.0 (FastGen ramps its warmup weight to 1; the
 paper and revsic use 0.99, which biases the fixed point); the times are FastGen's. Deviations: no
@@ -166,6 +173,8 @@ class Args:
     """upper end of the guidance interval (FastGen guidance_t_end)"""
     objective: str = "emd"
     """emd (Eulerian, default, the paper's main objective) | lmd (Lagrangian)"""
+    tangent_grad: bool = False
+    """differentiate through the tangent g (its JVP; for lmd also v_T's input f): Boffi et al.'s EMD / LMD, AYF without its stop-gradient"""
     space: str = "u"
     """u: regression on the average velocity (FastGen) | f: on the flow map (revsic, extra (t - s) weight)"""
     norm_eps: float = 0.1
@@ -244,11 +253,26 @@ def guided(teacher, x_t, t, y, null, args, weak=None):
     return v_u + bc(w, x_t).to(v_c.dtype) * (v_c - v_u)
 
 
-def ayf_g(net, teacher_v, x_t, t, s, y, r, objective):
+def ayf_g(net, teacher_v, x_t, t, s, y, r, objective, tangent_grad=False):
     """One forward WITH grad u = net(x_t, t, s, y) and the no-grad direction g (EMD or LMD).
     `teacher_v(x, t, y)` is the guided teacher velocity. The tangent is one torch.func.jvp under
-    no_grad in fp32; fork_rng makes the grad forward reuse its dropout masks."""
+    no_grad in fp32; fork_rng makes the grad forward reuse its dropout masks. tangent_grad: one JVP
+    WITH grad in fp32 instead (forward-AD dual numbers: a plain module call, DDP-safe, one set of
+    dropout masks), and g itself carries the gradient, for LMD also through the teacher's input f."""
     h = bc(t - s, x_t)
+    if tangent_grad:
+        fwAD = torch.autograd.forward_ad
+        with torch.no_grad():
+            v = teacher_v(x_t, t, y).to(x_t.dtype) if objective == "emd" else None
+        with fwAD.dual_level(), torch.autocast(x_t.device.type, enabled=False):
+            if objective == "emd":  # the same tangent (v_T, 1) on (x_t, t) as below, now differentiable
+                u, du = fwAD.unpack_dual(net(fwAD.make_dual(x_t, v), fwAD.make_dual(t, torch.ones_like(t)), s, y))[:2]
+            else:
+                u, du = fwAD.unpack_dual(net(x_t, t, fwAD.make_dual(s, torch.ones_like(s)), y))[:2]
+        du, u_ = torch.zeros_like(x_t) if du is None else du.to(x_t.dtype), u.to(x_t.dtype)  # None: a net that ignores s
+        if objective == "emd":  # Boffi's EMD: the residual's full gradient, through u and du_dt (spatial and time)
+            return u, (u_ - v) + r * h * du
+        return u, (u_ - h * du) - teacher_v(x_t - h * u_, s, y).to(x_t.dtype)  # Boffi's LMD: and through v_T at f
     with torch.no_grad():
         if objective == "emd":
             v = teacher_v(x_t, t, y).to(x_t.dtype)
@@ -273,7 +297,8 @@ def ayf_loss(net, teacher_v, x, y, r, args):
     e = torch.randn_like(x)
     t, s = sample_ts(len(x), args, x)
     x_t = (1 - bc(t, x)) * x + bc(t, x) * e
-    u, g = ayf_g(net, teacher_v, x_t, t, s, y, r, args.objective)
+    u, g = ayf_g(net, teacher_v, x_t, t, s, y, r, args.objective, args.tangent_grad)
+    live = g  # --tangent-grad: g carries the gradient (the block below rebinds g under no_grad)
     with torch.no_grad():
         g_norm = g.flatten(1).norm(dim=1)
         if args.norm_dim:  # FastGen: tangent * sqrt(B / numel)
@@ -281,7 +306,10 @@ def ayf_loss(net, teacher_v, x, y, r, args):
         w = 1 / (g.flatten(1).norm(dim=1) + args.norm_eps)
         step = bc(w, g) * g
     u = u.to(x.dtype)  # fp32 in training (the DiT returns fp32 under autocast), float64 in the oracle tests
-    if args.space == "u":
+    if args.tangent_grad:  # gradient 2 w g dg, of sg(w) ||g||^2 (the default: dg -> du); times (t - s) in f-space
+        a = live if args.space == "u" else bc(t - s, x) * live
+        loss = ((a - (a.detach() - step)) ** 2).flatten(1).sum(1).mean()
+    elif args.space == "u":
         loss = ((u - (u.detach() - step)) ** 2).flatten(1).sum(1).mean()
     else:
         f = x_t - bc(t - s, x) * u

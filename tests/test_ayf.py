@@ -4,6 +4,7 @@ JVP and the grad forward, the deterministic and gamma samplers, smoke runs, bad 
 Direction (exact teacher): a gradient step from a perturbed map moves toward the exact map, and the autograd
 gradient is the closed form 2 w g / B with g rebuilt by finite differences; the time laws by quantiles, the
 s != t row fraction at 0.25, the guided teacher against v_u + w (v_c - v_u), the tangent warm-up rising."""
+import copy
 import dataclasses
 import json
 import os
@@ -108,14 +109,14 @@ def replay(x, args, seed):
     torch.manual_seed(seed)
     e = torch.randn_like(x)
     t, s = ayf.sample_ts(len(x), args, x)
-    return t, s, (1 - t[:, None]) * x + t[:, None] * e
+    return t, s, (1 - ayf.bc(t, x)) * x + ayf.bc(t, x) * e
 
 
-@pytest.mark.parametrize("objective", ["emd", "lmd"])
-def test_a_gradient_step_moves_toward_the_exact_map(objective):
+@pytest.mark.parametrize("objective,tangent_grad", [("emd", False), ("lmd", False), ("emd", True), ("lmd", True)])
+def test_a_gradient_step_moves_toward_the_exact_map(objective, tangent_grad):
     # u = u* + sum_k theta_k phi_k: the distance to the exact map is mean ||sum theta_k phi_k||^2 on the same rows
     x, y = batch(96)
-    args = dataclasses.replace(ayf.Args(), objective=objective, ratio=0.75)
+    args = dataclasses.replace(ayf.Args(), objective=objective, ratio=0.75, tangent_grad=tangent_grad)
     phis = lambda x_t, t, s: [torch.sin(x_t), torch.cos(2 * x_t) * (t - s)[:, None] + 0.3, x_t * t[:, None]]
     theta0 = torch.tensor([0.15, -0.1, 0.05], dtype=torch.float64)
     t, s, x_t = replay(x, args, 3)
@@ -207,7 +208,7 @@ def test_smoke_mnist_lmd_and_gamma(tiny_teacher, tmp_path):
     run_method(SCRIPT, *TINY, *TINY_IMG, "--teacher", tiny_teacher, "--teacher-cfg", 2.0, "--dropout", 0.1, "--dataset", "mnist",
                "--out-dir", tmp_path)
     check_run(tmp_path / "ayf" / "mnist", "fid@1")
-    run_method(SCRIPT, *TINY, "--teacher", "oracle", "--objective", "lmd", "--space", "f", "--time-dist", "gap",
+    run_method(SCRIPT, *TINY, "--teacher", "oracle", "--objective", "lmd", "--tangent-grad", "--space", "f", "--time-dist", "gap",
                "--sample-gamma", 1.0, "--norm-dim", "--tangent-warmup", 8, "--r-max", 0.9, "--log-every", 1, "--out-dir", tmp_path / "lmd")
     check_run(tmp_path / "lmd" / "ayf" / "gmm", "fm_err@1")
     rows = [json.loads(r) for r in (tmp_path / "lmd" / "ayf" / "gmm" / "metrics.jsonl").read_text().splitlines()]
@@ -233,3 +234,114 @@ def test_bad_flags(field, value, needle):
     with pytest.raises(SystemExit) as err:
         ayf.check_args(dataclasses.replace(ayf.Args(), **{field: value}))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- --tangent-grad: Boffi et al.'s EMD / LMD (no stop-gradient)
+PHIS = lambda x_t, t, s: [torch.sin(2 * x_t + s[:, None]), torch.cos(x_t) * (1 + t[:, None]) * (t - s)[:, None], x_t * (s * t)[:, None]]
+
+
+def residual(net, x_t, t, s, y, r, objective, teacher_v=teacher_v):
+    """g rebuilt here with torch.func.jvp (not the file's dual numbers), no stop-gradient anywhere: EMD (28)
+    -d/dt f along (v_T, 1) with the tangent weight r; LMD (26) d/ds f - v_T(f, s)."""
+    gap = ayf.bc(t - s, x_t)
+    if objective == "emd":
+        v = teacher_v(x_t, t, y)
+        u, du = torch.func.jvp(lambda z, t_: net(z, t_, s, y), (x_t, t), (v, torch.ones_like(t)))
+        return (u - v) + r * gap * du
+    u, du = torch.func.jvp(lambda s_: net(x_t, t, s_, y), (s,), (torch.ones_like(s),))
+    return (u - gap * du) - teacher_v(x_t - gap * u, s, y)
+
+
+@pytest.mark.parametrize("objective", ["emd", "lmd"])
+def test_tangent_grad_loss_and_gradient_vanish_at_the_exact_map(objective):
+    x, y = batch(64, seed=5)
+    args = dataclasses.replace(ayf.Args(), objective=objective, ratio=0.75, tangent_grad=True)
+    out = []
+    for eps in (0.0, 1e-2):  # the exact map, then the spec's 1e-2 perturbation (t - s)(1 + t) sin(2 x)
+        theta = torch.tensor([eps, 0.0], dtype=torch.float64, requires_grad=True)
+        bump = lambda x_t, t, s: (t - s)[:, None] * (theta[0] * (1 + t[:, None]) * torch.sin(2 * x_t) + theta[1] * x_t)
+        net = lambda x_t, t, s, y_: GMM.avg_velocity(x_t, t, s, y_, steps=40) + bump(x_t, t, s)
+        torch.manual_seed(6)
+        loss, terms = ayf.ayf_loss(net, teacher_v, x, y, 1.0, args)
+        out.append((loss.item(), torch.autograd.grad(loss, theta)[0].norm().item(), terms["g_norm"].item()))
+    (l0, d0, g0), (l1, d1, g1) = out
+    assert l0 < 1e-8 and d0 < 2e-5 and g0 < 1e-6, out  # the 40-step RK4 error of the oracle's map
+    assert l1 > 1e-3 and d1 > 1e-2 and g1 > 5e-3, out
+
+
+@pytest.mark.parametrize("objective,space,norm_dim,r", [("emd", "u", False, 0.6), ("lmd", "u", True, 1.0), ("lmd", "f", False, 1.0)])
+def test_tangent_grad_is_the_gradient_of_the_unstopped_loss(objective, space, norm_dim, r):
+    # With the flag the gradient must be that of L(theta) = mean_rows sg(w) ||g(theta)||^2 (/ sqrt(D) with --norm-dim, times
+    # (t - s) in f-space) with nothing else stopped: through u, its JVP and (LMD) v_T's input f. The reference: autograd
+    # through residual(), and central differences of L (w frozen at theta0). Without the flag the gradient drops the JVP (and
+    # teacher) terms: it must differ, by far more than the tolerance. Any smooth field will do: no RK4 map, so it is fast.
+    n, c, d = 48, 0.05, 1e-4
+    x, y = batch(n, seed=8)
+    args = dataclasses.replace(ayf.Args(), objective=objective, space=space, norm_dim=norm_dim, norm_eps=c, ratio=0.75)
+    base = lambda x_t, t, s, y_: teacher_v(x_t, t, y_) * (1 + 0.3 * (t - s))[:, None] + 0.2 * torch.sin(3 * x_t) * (t - s)[:, None]
+    netf = lambda th: lambda x_t, t, s, y_: base(x_t, t, s, y_) + sum(a * p for a, p in zip(th, PHIS(x_t, t, s)))
+    theta0 = torch.tensor([0.1, -0.2, 0.15], dtype=torch.float64)
+    grads = {}
+    for tg in (False, True):
+        theta = theta0.clone().requires_grad_(True)
+        torch.manual_seed(9)
+        loss, _ = ayf.ayf_loss(netf(theta), teacher_v, x, y, r, dataclasses.replace(args, tangent_grad=tg))
+        grads[tg] = torch.autograd.grad(loss, theta)[0]
+    t, s, x_t = replay(x, args, 9)
+    scale = (t - s) if space == "f" else 1.0  # f-space: the u-space gradient times (t - s), row by row
+    with torch.no_grad():
+        w = 1 / (residual(netf(theta0), x_t, t, s, y, r, objective).norm(dim=1) / (math.sqrt(2) if norm_dim else 1) + c)
+    L = lambda th: (w * scale * residual(netf(th), x_t, t, s, y, r, objective).pow(2).sum(1)).mean() / (math.sqrt(2) if norm_dim else 1)
+    theta = theta0.clone().requires_grad_(True)
+    ref = torch.autograd.grad(L(theta), theta)[0]
+    with torch.no_grad():
+        fd = torch.stack([(L(theta0 + d * e) - L(theta0 - d * e)) / (2 * d) for e in torch.eye(3, dtype=torch.float64)])
+    assert (t > s).sum() == 36 and ref.norm() > 1e-2 and torch.allclose(ref, fd, rtol=1e-6, atol=1e-9), (ref, fd)
+    assert torch.allclose(grads[True], ref, rtol=1e-9, atol=1e-12), (grads[True], ref)
+    assert (grads[False] - ref).norm() > 0.05 * ref.norm(), (grads[False], ref)  # the flag does something, and it is this
+
+
+def test_tangent_grad_is_one_call_of_the_net():
+    # primal and tangent from ONE call on dual numbers (one set of dropout masks by construction); the tangent on
+    # (x_t, t) for EMD, on s for LMD
+    calls = []
+
+    def net(x_t, t, s, y):
+        calls.append(tuple(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in (x_t, t, s)))
+        return teacher_v(x_t, t, y) * (1 + (t - s))[:, None]
+
+    x, y = batch(32)
+    for objective, want in (("emd", (True, True, False)), ("lmd", (False, False, True))):
+        calls.clear()
+        ayf.ayf_loss(net, teacher_v, x, y, 1.0, dataclasses.replace(ayf.Args(), objective=objective, tangent_grad=True))
+        assert calls == [want], (objective, calls)
+
+
+def test_tangent_grad_through_a_dit():
+    # the file's dual numbers through the DiT (attention's forward-AD rule and its backward, the teacher's backward to its
+    # input) give the parameter gradient of the torch.func.jvp reference, float64, EMD and LMD
+    import common.dit as dit
+
+    torch.manual_seed(0)
+    net = dit.DiT(8, 2, 2, 32, 2, 2, 4.0, 10).double()
+    with torch.no_grad():  # adaLN-zero makes a fresh net output 0: give every weight a value
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher = copy.deepcopy(net).requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tv = lambda x_t, t, y_: teacher(x_t, t, t, y_)
+    x, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.tensor([0, 3, 10, 7, 10, 1])
+    params = list(net.parameters())
+    for objective in ("emd", "lmd"):
+        args = dataclasses.replace(ayf.Args(), objective=objective, tangent_grad=True, norm_eps=0.05)
+        torch.manual_seed(1)
+        loss, _ = ayf.ayf_loss(net, tv, x, y, 1.0, args)
+        got = torch.autograd.grad(loss, params)
+        t, s, x_t = replay(x, args, 1)
+        g = residual(net, x_t, t, s, y, 1.0, objective, tv)
+        w = 1 / (g.detach().flatten(1).norm(dim=1) + 0.05)
+        want = torch.autograd.grad((w * g.pow(2).flatten(1).sum(1)).mean(), params)
+        err = max((a - b).abs().max() / b.abs().max() for a, b in zip(got, want) if b.abs().max() > 0)
+        assert err < 1e-9 and loss > 1e-3, (objective, err)

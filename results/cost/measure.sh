@@ -45,6 +45,7 @@ if want tvm; then python methods/tvm.py $NET --out-dir $OUT/tvm; fi
 if want shortcut; then python methods/shortcut.py $NET --out-dir $OUT/shortcut; fi
 if want splitmeanflow; then python methods/splitmeanflow.py $NET --out-dir $OUT/splitmeanflow; fi
 if want ayf; then python methods/ayf.py $NET --out-dir $OUT/ayf; fi
+if want ayf-lmd-tangent-grad; then python methods/ayf.py $NET --objective lmd --tangent-grad --out-dir $OUT/ayf-lmd-tangent-grad; fi
 if want freeflow; then python methods/freeflow.py $NET --out-dir $OUT/freeflow; fi
 # consistency models (issue 25), distilled from / initialized by the fm mnist teacher, each at its defaults
 if want cm; then python methods/cm.py $NET --out-dir $OUT/cm; fi

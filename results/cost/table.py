@@ -59,7 +59,11 @@ def estimate(method, a):
         tg = 2 if a["teacher_cfg"] != 1 else 1
         return 3 + tg * p + 2 * (1 - p), f"3 + teacher {tg} x {p:g} + 2 fwd x {1 - p:g} (Dieleman: 9)"
     if method == "ayf":  # teacher fwd + no-grad JVP 2 + fwd/bwd 3, every row (the JVP ignores ratio); LMD: teacher at f
-        tg = 2 if a["teacher_cfg"] != 1 else 1
+        tg = 2 if a["teacher_cfg"] != 1 else 1  # --tangent-grad: JVP 2 + bwd through both 4; LMD: + bwd through the teacher 2 tg
+        if a.get("tangent_grad"):
+            lmd = a["objective"] == "lmd"
+            return 6 + tg * (3 if lmd else 1), (f"JVP with grad 2 + bwd through both 4 + teacher {tg}" + (f" + bwd through it {2 * tg}" if lmd else "")
+                                                + f", all rows, {a['objective']} --tangent-grad (Dieleman: LMD 9, EMD 7)")
         return 5 + tg, f"teacher {tg} + no-grad JVP 2 + 3, all rows, {a['objective']} (AYF-EMD / LMD in Dieleman's table: 6)"
     if method == "freeflow":  # no-grad dF/dd on every row (JVP 2 or two FD fwds); fwd/bwd 3; teacher on pred rows;
         n = mb(a)  # correction rows: aux fwd 1 + teacher + aux fwd/bwd 3
