@@ -17,6 +17,10 @@ def estimate(method, a):
     if method == "meanflow":  # JVP rows: fwd+JVP 2 and bwd 2 through u only (sg target); other rows 3
         e = 3 + a["ratio"] + (2 if a.get("cfg_kappa", 0) > 0 else 0)
         return e, f"3 + JVP share {a['ratio']:g}" + (" + 2 guidance fwd" if a.get("cfg_kappa", 0) > 0 else "") + " (Dieleman, all rows JVP: 4)"
+    if method == "soflow":  # no-grad fwd at (x_l, l, s) on the s != t rows (all rows with dropout) + fwd/bwd 3 + guidance fwds
+        j = 1.0 if a.get("dropout", 0) > 0 else round(a["ratio"] * mb(a)) / mb(a)
+        g = 0 if not cond(a) or (a["cfg_omega"] == 1 and a["cfg_kappa"] == 0) else 1 if a["cfg_kappa"] == 0 else 2
+        return 3 + j + g, f"3 + finite-difference fwd x {j:g}" + (f" + {g} guidance fwd" if g else "") + " (Dieleman: 7, FM and consistency batches apart)"
     if method == "dmd2":  # every step: G fwd (no grad) + fake fwd/bwd; generator turn: G bwd + teacher + fake fwd
         gan_fake, gan_gen = (6, 3) if a["gan_weight"] > 0 else (0, 0)  # disc on fake + real x, gen through fake
         e = 4 + gan_fake + (4 + gan_gen) / a["ttur"]
