@@ -24,9 +24,9 @@ def exact(x_t, t, s, y, steps=60):
     return G.avg_velocity(x_t, t, s, y, steps=steps)
 
 
-def perturbed(x_t, t, s, y, eps=1e-2):
+def perturbed(x_t, t, s, y, eps=1e-2, steps=60):
     # the spec's perturbation: it vanishes at s = t (the FM rows see the exact velocity)
-    return exact(x_t, t, s, y) + eps * ((t - s) * (1 + t))[:, None] * torch.sin(2 * x_t)
+    return exact(x_t, t, s, y, steps) + eps * ((t - s) * (1 + t))[:, None] * torch.sin(2 * x_t)
 
 
 def const_lv(value):
@@ -41,18 +41,19 @@ def official(mse, lv, eps=0.01):
 def test_meanflow_residual_vanishes_at_the_exact_map_through_the_loss():
     # the loss's own draws (2n rows: FM then MF), its JVP and its target; the marginal velocity v* in place of
     # e - x (no sampling noise): the residual is the ODE error at u*, and not at the 1e-2 perturbation
-    n = 300
+    n = 100
     x, y = G.sample(n, torch.Generator().manual_seed(0))
     oracle_v = lambda net, x_t, t, v, y, null, args: G.velocity(x_t, t, y)  # noqa: E731
     out = {}
-    for name, net in [("exact", exact), ("perturbed", perturbed)]:
+    for name, net in [("exact", lambda *a: exact(*a, steps=20)), ("perturbed", lambda *a: perturbed(*a, steps=20))]:
         torch.manual_seed(0)
         with mock.patch.object(dmf, "guided_velocity", oracle_v):
             _, terms = dmf.dmf_loss(net, const_lv(0.0), x, torch.full((n,), NULL), dmf.Args(), NULL)
         out[name] = terms
-    # measured (CPU, 1 thread): exact mse_mf 2.0e-14, mse_fm 0; perturbed mse_mf 1.3e-5
-    assert out["exact"]["mse_fm"] < 1e-20 and out["exact"]["mse_mf"] < 1e-10, out["exact"]
-    assert out["perturbed"]["mse_mf"] > 1e-6 and out["perturbed"]["mse_fm"] < 1e-20, out["perturbed"]
+    # measured (CPU, 1 thread; RK4 with 20 steps): exact mse_mf 5.4e-10 (the ODE error), mse_fm 0; perturbed mse_mf
+    # 1.6e-4, mse_fm 0 (the perturbation vanishes at s = t)
+    assert out["exact"]["mse_fm"] < 1e-20 and out["exact"]["mse_mf"] < 5e-9, out["exact"]
+    assert out["perturbed"]["mse_mf"] > 1e-5 and out["perturbed"]["mse_fm"] < 1e-20, out["perturbed"]
 
 
 # ---------------------------------------------------------------- the weight and lv
@@ -82,8 +83,9 @@ def test_log_weight_has_no_finite_optimum_in_lv_and_edm2_has_one_at_log_mse():
 @pytest.mark.parametrize("weight", ["log", "edm2"])
 def test_lv_trained_by_adam_drifts_down_or_settles(weight):
     # the LogVar head (zero-initialized) trained alone by Adam (lr 1e-2, the file's betas) on a fixed mse of 0.37
-    # per row: log weight: lv falls on every step (measured: -5.6 after 300 steps, still falling); edm2: lv
-    # settles at log 0.37 = -0.994 (measured |lv - log mse| < 0.02 after 300 steps)
+    # per row: log weight: lv falls on every step, fast while eps e^lv is comparable to the mse, then ever slower
+    # as its gradient eps e^lv / mse vanishes (measured, CPU: mean lv -10.758 after 100 steps, -10.794 after 200,
+    # -10.839 after 300); edm2: lv settles at log 0.37 = -0.99425 (measured -0.99425 after 300 steps)
     torch.manual_seed(0)
     head = dmf.LogVar().double()
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, betas=dmf.Args().adam_betas, weight_decay=0.0)
@@ -161,29 +163,30 @@ def test_fixed_point_on_posterior_tangents(weight, lv):
     """With e - x drawn from p(x | x_t) (training from data), the expected gradient at the exact map: the EDM2
     weight (a constant per row, lv depends on (t, s) only) leaves it at zero; the log weight
     1 / (mse + 0.01 e^lv) per row does not, at lv = 0 (the start) and more so at lv = -20 (the asymptote,
-    weight 1 / mse). Measured (seed 0, P = 24 points x {FM, MF} rows, M = 1024; CPU, 1 thread): RMS shift of the
-    weighted-mean target per point 0.29 (lv 0), 0.39 (lv -20) against Monte Carlo noise 0.06; edm2 chi2 per dof
-    0.9. Also: the autograd gradient is (2 / D) w (u - u_tgt) / rows with w = d l / d mse."""
+    weight 1 / mse). Measured (P = 24 points x {FM, MF} rows, M = 1024 tangents, seeds 0-2; CPU, 1 thread): RMS of
+    the weighted-mean target minus u* per point 0.23-0.32 at lv 0 and 0.18-0.30 at lv -20 (chi2 per dof 7.5-24)
+    against Monte Carlo noise 0.065-0.10; edm2 0.055-0.067 (chi2 per dof 0.72-0.99, noise only). Also: the
+    autograd gradient is (2 / D) w (u - u_tgt) / rows with w = d l / d mse."""
     g, r, _, w, M = loss_on_posterior(weight, lv)
     assert torch.allclose(g, w * r / len(r), rtol=1e-8, atol=0), (g - w * r / len(r)).abs().max()  # (2 / D) = 1
     rms, noise, chi2 = shift_stats(r, w, M)
     if weight == "edm2":
         assert chi2 < 2.0 and rms < 2 * noise, (rms, noise, chi2)
-    else:
-        assert rms > 3 * noise and chi2 > 10, (rms, noise, chi2)
+    else:  # seed 0: rms 0.305 (lv 0), 0.282 (lv -20), noise 0.065
+        assert rms > 2 * noise and chi2 > 5, (rms, noise, chi2)
 
 
 @pytest.mark.parametrize("weight", ["log", "edm2"])
 def test_expected_gradient_points_to_the_exact_map(weight):
-    # u = u* + d (1 + t - t_i) per point, |d| = 0.2: the expected gradient over posterior tangents is aligned
-    # with d (edm2: on every point and row kind; log: on average, the weight's shift turns a few), and a small
-    # step along -E[grad] is closer to u*
+    # u = u* + d (1 + t - t_i) per point, |d| = 0.2: the expected gradient over M = 256 posterior tangents is
+    # aligned with d and a small step along -E[grad] is closer to u*. Measured (seeds 0-2, CPU): edm2 mean cosine
+    # 0.89-0.95, 0-2% of the 48 rows turned (Monte Carlo); log (lv 0) 0.47-0.55, 12-25% turned (its shift, above)
     g, r, d, w, M = loss_on_posterior(weight, 0.0, eps=0.2, M=256)
     eg = g.view(-1, M, 2).sum(1)
     cos = (eg * d).sum(1) / eg.norm(dim=1) / d.norm(dim=1)
     step = d - 0.2 * d.norm(dim=1).max() / eg.norm(dim=1).max() * eg
     if weight == "edm2":
-        assert (cos > 0).all() and (step.norm(dim=1) < d.norm(dim=1)).all(), cos
+        assert cos.mean() > 0.8 and (cos > 0).float().mean() > 0.95 and step.norm() < d.norm(), cos
     else:
         assert cos.mean() > 0.4 and step.norm() < d.norm(), cos.mean()
 
@@ -263,3 +266,25 @@ def test_sampler_is_exact_at_two_steps_on_the_exact_map(shift):
         calls.clear()
         assert (dmf.sample(net, e, y, k, shift) - end).abs().max() < 1e-6
     assert abs(calls[0][1] - shift * 0.5 / (1 + (shift - 1) * 0.5)) < 1e-7 and calls[1][1] == 0.0
+
+
+def test_training_guidance_is_on_both_terms_with_scale_one_over_one_minus_k():
+    # the official "mg" (omega 0.6 = our k, w 1): a net that IS the CFG field at scale 1 / (1 - 0.6) = 2.5 is
+    # the fixed point: with the conditional velocity as v, v_g is its own conditional output, on the FM and the
+    # MF rows alike (2n rows); outside [t_min, t_max] v_g = v; a net at another scale is not a fixed point
+    args = dataclasses.replace(dmf.Args(), cfg_kappa=0.6, cfg_t_max=0.7)
+    n = 200
+    x, y = G.sample(n, torch.Generator().manual_seed(6))
+    cfg = lambda w: lambda z, t_, s_, y_: G.velocity(z, t_) + torch.where((y_ == NULL)[:, None], 0.0, w) * (G.velocity(z, t_, y_) - G.velocity(z, t_))  # noqa: E731
+    seen, orig = [], dmf.guided_velocity
+    for w in (2.5, 1.5):
+        with mock.patch.object(dmf, "guided_velocity", lambda net, x_t, t, v, y_, null, a: seen.append((x_t, t, y_, orig(net, x_t, t, G.velocity(x_t, t, y_), y_, null, a))) or seen[-1][-1]), \
+                mock.patch.object(dmf, "mean_velocity_and_target", lambda net, x_t, t, s, y_, v_g, m, d: (v_g, v_g)):
+            torch.manual_seed(0)
+            dmf.dmf_loss(cfg(w), const_lv(0.0), x, y, args, NULL)
+    (x_t, t, y2, v_g), (_, _, _, v_g15) = seen
+    inside = t <= 0.7
+    assert len(t) == 2 * n and inside[:n].any() and inside[n:].any() and (~inside).any()
+    assert torch.allclose(v_g[inside], cfg(2.5)(x_t, t, t, y2)[inside], atol=1e-10)
+    assert torch.allclose(v_g[~inside], G.velocity(x_t, t, y2)[~inside], atol=1e-12)
+    assert not torch.allclose(v_g15[inside], cfg(1.5)(x_t, t, t, y2)[inside], atol=1e-3)
