@@ -37,6 +37,7 @@ METHODS = {
            "[Lipman et al. 2023](https://arxiv.org/abs/2210.02747), [Liu et al. 2023](https://arxiv.org/abs/2209.03003)"),
     "meanflow": ("MeanFlow", "flow map from data (Eulerian, JVP)", "[Geng et al. 2025](https://arxiv.org/abs/2505.13447)"),
     "imf": ("improved MeanFlow", "flow map from data (Eulerian, JVP)", "[Geng et al. 2025](https://arxiv.org/abs/2512.02012)"),
+    "dmf": ("Decoupled MeanFlow", "flow map from a pretrained flow (Eulerian, JVP)", "[Lee et al. 2026](https://github.com/kyungmnlee/dmf)"),
     "alphaflow": ("alpha-Flow", "flow map from data (FM -> consistency -> MeanFlow)", "[Zhang et al. 2026](https://arxiv.org/abs/2510.20771)"),
     "tvm": ("Terminal Velocity Matching", "flow map from data (Lagrangian, JVP)", "[Zhou et al. 2025](https://arxiv.org/abs/2511.19797)"),
     "shortcut": ("Shortcut models", "flow map from data (compositional, no JVP)", "[Frans et al. 2025](https://arxiv.org/abs/2410.12557)"),
@@ -52,11 +53,11 @@ METHODS = {
     "scm": ("sCM (sCT / sCD)", "continuous-time consistency (TrigFlow, JVP)", "[Lu & Song 2025](https://arxiv.org/abs/2410.11081)"),
     "ctm": ("Consistency Trajectory Models", "consistency distillation (trajectory, teacher ODE)", "[Kim et al. 2024](https://arxiv.org/abs/2310.02279)"),
 }
-DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ect", "cm", "facm", "scm", "ctm")  # everything else trains from data
+DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ect", "cm", "facm", "scm", "ctm", "dmf")  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "shortcut": 8, "splitmeanflow": 9, "ayf": 6, "freeflow": 12,
            "alphaflow": None, "dmd2": None, "fsf_dmd": None, "mfd": None, "ect": None, "cm": 5, "facm": 8,
-           "scm": None, "ctm": 7}
+           "scm": None, "ctm": 7, "dmf": None}
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}
 # the leaderboard's standard budgets: (steps, required args)

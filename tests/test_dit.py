@@ -143,11 +143,13 @@ def test_decoupled_mlp_routes_t_to_the_encoder_and_s_to_the_decoder():
     assert torch.allclose(net(x, t, s, y), net.out(h), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["dit", "mlp"])
+@pytest.mark.parametrize("kind", ["dit", "dit_v_flip", "mlp"])
 def test_old_checkpoints_load_into_the_decoupled_net(kind, tmp_path):
     # a checkpoint written without the option (its config has no "decouple") loads as before, and its state dict
-    # loads strictly into the decoupled net (no parameter added), which at s = t IS the old net
-    make = (lambda **kw: tiny_dit(**kw)) if kind == "dit" else (lambda **kw: MLP(dim=3, hidden=16, depth=2, num_classes=4, **kw))
+    # loads strictly into the decoupled net (no parameter added), which at s = t IS the old net (also a converted
+    # SiT teacher, whose time runs the other way)
+    make = {"dit": lambda **kw: tiny_dit(**kw), "dit_v_flip": lambda **kw: tiny_dit(param="v_flip", **kw),
+            "mlp": lambda **kw: MLP(dim=3, hidden=16, depth=2, num_classes=4, **kw)}[kind]
     old = randomize(make()).eval()
     assert "decouple" not in old.config and make(decouple=0).config == old.config
     path = str(tmp_path / "old.safetensors")
@@ -157,7 +159,7 @@ def test_old_checkpoints_load_into_the_decoupled_net(kind, tmp_path):
     new = build({**back.config, "decouple": 1}).eval()
     new.load_state_dict(back.state_dict())  # strict
     assert new.config["decouple"] == 1 and new.state_dict().keys() == old.state_dict().keys()
-    x = torch.randn((4, 3, 8, 8) if kind == "dit" else (4, 3))
+    x = torch.randn((4, 3) if kind == "mlp" else (4, 3, 8, 8))
     t, y = torch.rand(4), torch.tensor([0, 1, 2, 3])
     assert torch.allclose(new(x, t, t, y), old(x, t, t, y), atol=1e-6)
     assert not torch.allclose(new(x, t, 0.3 * t, y), old(x, t, 0.3 * t, y), atol=1e-4)

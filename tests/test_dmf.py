@@ -88,6 +88,7 @@ def test_lv_trained_by_adam_drifts_down_or_settles(weight):
     # -10.839 after 300); edm2: lv settles at log 0.37 = -0.99425 (measured -0.99425 after 300 steps)
     torch.manual_seed(0)
     head = dmf.LogVar().double()
+    assert not head(torch.rand(8), torch.rand(8)).any()  # zero-initialized (official): lv = 0 at the start
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, betas=dmf.Args().adam_betas, weight_decay=0.0)
     t = torch.rand(64, dtype=torch.float64)
     s = t * torch.rand(64, dtype=torch.float64)
@@ -248,10 +249,10 @@ def test_net_starts_from_the_fm_file(tmp_path):
     assert load(str(tmp_path / "run" / "dmf" / "gmm" / "model.safetensors")).config["decouple"] == 2
 
 
-def test_bad_flags_are_one_line_errors():
+def test_bad_flags_are_one_line_errors(tmp_path):
     for flags, msg in [(["--weight", "l2"], "--weight l2"), (["--decouple-depth", 9], "--decouple-depth 9"),
                        (["--log-eps", 0], "--log-eps 0"), (["--cfg-t-max", 2], "--cfg-t-max 2")]:
-        p = run_inline(SCRIPT, "--teacher", "oracle", *flags)
+        p = run_inline(SCRIPT, "--teacher", "oracle", "--steps", 1, "--eval-samples", 100, "--out-dir", tmp_path / flags[0], *flags)
         assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
 
 

@@ -82,6 +82,11 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "dmf":  # every row: FM fwd/bwd 3 + MF (fwd+JVP 2, bwd through u 2) 4; guidance: no-grad fwds per term
+        g = 0 if not cond(a) or (a["cfg_omega"] == 1 and a["cfg_kappa"] == 0) else 1 if a["cfg_kappa"] == 0 else 2
+        j = 2 if a.get("dropout", 0) > 0 else 0  # dropout: the no-grad JVP on the FM rows too
+        return 7 + 2 * g + j, ("FM 3 + MF 4 on every row" + (f" + guidance {g} x 2 terms" if g else "") + (" + JVP on FM rows 2" if j else "")
+                               + " (not in Dieleman's table)")
     return None, "—"
 
 
