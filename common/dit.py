@@ -9,6 +9,12 @@ has num_classes = 0 and always passes y = 0), and `n_cond` optional extra scalar
 TVM's tweaks (Zhou et al. 2025, github.com/lumalabs/tvm): `norm="rms"` (RMSNorm without affine in
 place of the LayerNorms) and `modnorm=True` (each adaLN chunk RMS-normalized). Both default off
 and enter the config only when on, so older checkpoints keep loading and resuming.
+Decoupled MeanFlow (Lee, Yu, Shin 2026, github.com/kyungmnlee/dmf, models/dmft.py): `decouple=N`
+(1 <= N <= depth) feeds the first N blocks ("encoder") the embedding of (t, h = 0, y, c) and the
+remaining blocks and the output layer ("decoder") that of (s, h = 0, y, c), with the same embedders:
+at s = t the network is the flow model it was copied from (a DMF fine-tune starts from an fm
+checkpoint). 0 (default) is off; like the TVM options it adds no parameter and enters the config only
+when on.
 Public teachers converted by `python -m common.convert` (DiT, SiT, REPA-SiT) use the same way:
 `stored_pos=True` keeps the checkpoint's position embedding (a persistent buffer) and `param`
 maps our (x_t, t) to the original's input and its output to our velocity e - x: "v" (ours, REPA),
@@ -175,8 +181,8 @@ def _checkpoint_dual(block, h, emb):
     recomputes primal and tangent together, so the JVP with grad is checkpointed too."""
     fwAD = torch.autograd.forward_ad
     (hp, ht), (ep, et) = fwAD.unpack_dual(h)[:2], fwAD.unpack_dual(emb)[:2]
-    hp, ht = torch.utils.checkpoint.checkpoint(_dual_block, block, hp, torch.zeros_like(hp) if ht is None else ht, ep, et,
-                                               use_reentrant=False)
+    ht, et = (torch.zeros_like(p) if d is None else d for p, d in ((hp, ht), (ep, et)))  # (a decoupled decoder's s: no tangent)
+    hp, ht = torch.utils.checkpoint.checkpoint(_dual_block, block, hp, ht, ep, et, use_reentrant=False)
     return fwAD.make_dual(hp, ht)
 
 
@@ -184,11 +190,14 @@ class DiT(nn.Module):
     """A small Diffusion Transformer (Peebles & Xie 2023) conditioned on (t, h, y, c)."""
 
     def __init__(self, input_size=28, patch_size=4, in_channels=1, hidden=128, depth=4, heads=4, mlp_ratio=4.0,
-                 num_classes=10, n_cond=0, qk_norm=False, dropout=0.0, v_head=False, norm="layer", modnorm=False, param="v", stored_pos=False):
+                 num_classes=10, n_cond=0, qk_norm=False, dropout=0.0, v_head=False, norm="layer", modnorm=False, param="v", stored_pos=False,
+                 decouple=0):
         super().__init__()
         if input_size % patch_size or hidden % heads or (hidden // heads) % 2 or hidden % 4:
             raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size}, "
                              f"hidden {hidden} by 4 and by heads {heads} (even head dim)")
+        if not 0 <= decouple <= depth or (decouple and param == "eps_ddpm"):
+            raise ValueError(f"DiT: decouple {decouple} must be in [0, depth {depth}] (and 0 with param eps_ddpm)")
         self.config = dict(kind="dit", input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
                            n_cond=n_cond, qk_norm=qk_norm, dropout=dropout, **({"v_head": True} if v_head else {}))
@@ -197,7 +206,8 @@ class DiT(nn.Module):
         if param not in ("v", "v_flip", "eps_ddpm") or (param != "v" and v_head):
             raise ValueError(f"DiT: param {param!r} must be v, v_flip or eps_ddpm (and v without v_head)")
         self.config.update({"param": param} if param != "v" else {}, **({"stored_pos": True} if stored_pos else {}))
-        self.param = param
+        self.config.update({"decouple": decouple} if decouple else {})  # DMF's encoder/decoder split
+        self.param, self.decouple = param, decouple
         self.modnorm = modnorm
         self.p, self.c, self.grid = patch_size, in_channels, input_size // patch_size
         self.patch = nn.Conv2d(in_channels, hidden, patch_size, patch_size)
@@ -223,29 +233,31 @@ class DiT(nn.Module):
         self.v_head = nn.ModuleList([copy.deepcopy(self.ada), copy.deepcopy(self.out)]) if v_head else None
 
     def forward(self, x, t, s, y, c=None):
-        x_in, t_in = x, None
+        x_in, t_in, s_in = x, None, None
         if self.param == "v_flip":  # SiT: the net's time runs from noise (0) to data (1), it predicts x - e
-            t_in = 1 - t
+            t_in, s_in = 1 - t, 1 - s
         elif self.param == "eps_ddpm":  # DiT: epsilon at the DDPM step of the same signal-to-noise ratio
             t_c, t_in, scale = ddpm_time(t)
             x_in = x * scale.to(x.dtype)[:, None, None, None]
         h = self.patch(x_in).flatten(2).transpose(1, 2) + self.pos
-        emb = self.cond(t, s, y, c, t_in)
+        emb = self.cond(t, t if self.decouple else s, y, c, t_in)
+        emb_s = self.cond(s, s, y, c, s_in) if self.decouple else emb  # decoupled (DMF): the decoder sees s alone
         # checkpointing cannot run inside torch.func.jvp (functorch level set): plain blocks there; on
         # forward-AD dual numbers (TVM's JVP with grad) primal and tangent are checkpointed as a pair
         ckpt = self.grad_ckpt and torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
         dual = ckpt and torch.autograd.forward_ad.unpack_dual(emb).tangent is not None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            e = emb if i < self.decouple else emb_s  # emb_s is emb when not decoupled
             if dual:
-                h = _checkpoint_dual(block, h, emb)
+                h = _checkpoint_dual(block, h, e)
             else:
-                h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
-        u = self.final(h, emb, self.ada, self.out)
+                h = torch.utils.checkpoint.checkpoint(block, h, e, use_reentrant=False) if ckpt else block(h, e)
+        u = self.final(h, emb_s, self.ada, self.out)
         if self.param == "v_flip":
             u = -u
         elif self.param == "eps_ddpm":  # x = (x_t - t eps) / (1 - t), v = eps - x = (eps - x_t) / (1 - t)
             u = ((u.double() - x.double()) / (1 - t_c)[:, None, None, None]).to(u.dtype)
-        return u if self.v_head is None else (u, self.final(h, emb, *self.v_head))
+        return u if self.v_head is None else (u, self.final(h, emb_s, *self.v_head))
 
     def final(self, h, emb, ada, out):
         a = ada(emb)
@@ -258,10 +270,13 @@ class DiT(nn.Module):
 class MLP(nn.Module):
     """Residual MLP for vector data, same call signature and conditioning as the DiT."""
 
-    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0, v_head=False):
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0, v_head=False, decouple=0):
         super().__init__()
+        if not 0 <= decouple <= depth:
+            raise ValueError(f"MLP: decouple {decouple} must be in [0, depth {depth}]")
         self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, n_cond=n_cond,
-                           dropout=dropout, **({"v_head": True} if v_head else {}))
+                           dropout=dropout, **({"v_head": True} if v_head else {}), **({"decouple": decouple} if decouple else {}))
+        self.decouple = decouple  # as in the DiT: blocks[:decouple] see t, the rest s
         self.inp = nn.Linear(dim, hidden)
         self.cond = Conditioning(hidden, num_classes, n_cond)
         self.blocks = nn.ModuleList(
@@ -273,10 +288,11 @@ class MLP(nn.Module):
         self.v_head = copy.deepcopy(self.out) if v_head else None  # as in the DiT: forward returns (u, v)
 
     def forward(self, x, t, s, y, c=None):
-        emb = self.cond(t, s, y, c)
+        emb = self.cond(t, t if self.decouple else s, y, c)
+        emb_s = self.cond(s, s, y, c) if self.decouple else emb
         h = self.inp(x) + emb
-        for block in self.blocks:
-            h = h + block(h + emb)
+        for i, block in enumerate(self.blocks):
+            h = h + block(h + (emb if i < self.decouple else emb_s))
         dt = out_dtype(self.out)
         return self.out(h).to(dt) if self.v_head is None else (self.out(h).to(dt), self.v_head(h).to(dt))
 

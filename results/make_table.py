@@ -39,6 +39,7 @@ METHODS = {
     "meanflow": ("MeanFlow", "flow map from data (Eulerian, JVP)", "[Geng et al. 2025](https://arxiv.org/abs/2505.13447)"),
     "imf": ("improved MeanFlow", "flow map from data (Eulerian, JVP)", "[Geng et al. 2025](https://arxiv.org/abs/2512.02012)"),
     "soflow": ("SoFlow", "flow map from data (Eulerian, finite difference)", "[Luo et al. 2026](https://arxiv.org/abs/2512.15657)"),
+    "dmf": ("Decoupled MeanFlow", "flow map from a pretrained flow (Eulerian, JVP)", "[Lee et al. 2026](https://github.com/kyungmnlee/dmf)"),
     "alphaflow": ("alpha-Flow", "flow map from data (FM -> consistency -> MeanFlow)", "[Zhang et al. 2026](https://arxiv.org/abs/2510.20771)"),
     "tvm": ("Terminal Velocity Matching", "flow map from data (Lagrangian, JVP)", "[Zhou et al. 2025](https://arxiv.org/abs/2511.19797)"),
     "shortcut": ("Shortcut models", "flow map from data (compositional, no JVP)", "[Frans et al. 2025](https://arxiv.org/abs/2410.12557)"),
@@ -68,6 +69,7 @@ DISTILLED = (
     "scm",
     "ctm",
     "pid",
+    "dmf",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -90,6 +92,7 @@ SEED002 = {
     "ctm": 7,
     "pid": 7,
     "soflow": 7,
+    "dmf": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

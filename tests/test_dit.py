@@ -101,3 +101,92 @@ def test_bf16_autocast_returns_fp32(kind):
         out = net(x, torch.rand(2), torch.zeros(2), torch.tensor([1, 2]))
     assert out.dtype == torch.float32 and net(x, torch.rand(2), torch.zeros(2), torch.tensor([1, 2])).dtype == torch.float32
     assert net.bfloat16()(x.bfloat16(), torch.rand(2), torch.zeros(2), torch.tensor([1, 2])).dtype == torch.float32  # upcast only
+
+
+# ---------------------------------------------------------------- the decoupled option (DMF)
+def embeddings_seen(net, x, t, s, y):
+    """The conditioning vector each DiT block and the output layer receive (forward pre-hooks)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[1])) for b in net.blocks]
+    hooks.append(net.ada.register_forward_pre_hook(lambda m, a: seen.append(a[0])))
+    out = net(x, t, s, y)
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+def test_decoupled_dit_routes_t_to_the_encoder_and_s_to_the_decoder():
+    net = randomize(tiny_dit(depth=3, decouple=2)).eval()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 7, 10])
+    t, s = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.1, 0.2, 0.0, 0.3])
+    seen, out = embeddings_seen(net, x, t, s, y)
+    enc, dec = net.cond(t, t, y, None), net.cond(s, s, y, None)
+    assert len(seen) == 4 and not torch.allclose(enc, dec)
+    assert all(torch.equal(e, enc) for e in seen[:2]) and all(torch.equal(e, dec) for e in seen[2:])
+    # the encoder's output does not depend on s; the net's does
+    h0 = []
+    hook = net.blocks[1].register_forward_hook(lambda m, a, o: h0.append(o))
+    out2 = net(x, t, s * 0.5, y)
+    net(x, t, s, y)
+    hook.remove()
+    assert torch.equal(h0[0], h0[1]) and (out2 - out).abs().max() > 1e-4
+
+
+def test_decoupled_mlp_routes_t_to_the_encoder_and_s_to_the_decoder():
+    net = randomize(MLP(dim=3, hidden=16, depth=3, num_classes=4, decouple=1)).eval()
+    x, t, s, y = torch.randn(5, 3), torch.rand(5) * 0.5 + 0.5, torch.rand(5) * 0.5, torch.tensor([0, 1, 2, 3, 4])
+    et, es = net.cond(t, t, y, None), net.cond(s, s, y, None)
+    h = net.inp(x) + et
+    h = h + net.blocks[0](h + et)
+    for b in net.blocks[1:]:
+        h = h + b(h + es)
+    assert torch.allclose(net(x, t, s, y), net.out(h), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dit", "dit_v_flip", "mlp"])
+def test_old_checkpoints_load_into_the_decoupled_net(kind, tmp_path):
+    # a checkpoint written without the option (its config has no "decouple") loads as before, and its state dict
+    # loads strictly into the decoupled net (no parameter added), which at s = t IS the old net (also a converted
+    # SiT teacher, whose time runs the other way)
+    make = {"dit": lambda **kw: tiny_dit(**kw), "dit_v_flip": lambda **kw: tiny_dit(param="v_flip", **kw),
+            "mlp": lambda **kw: MLP(dim=3, hidden=16, depth=2, num_classes=4, **kw)}[kind]
+    old = randomize(make()).eval()
+    assert "decouple" not in old.config and make(decouple=0).config == old.config
+    path = str(tmp_path / "old.safetensors")
+    save(old, path)
+    back = load(path)
+    assert "decouple" not in back.config and back.decouple == 0
+    new = build({**back.config, "decouple": 1}).eval()
+    new.load_state_dict(back.state_dict())  # strict
+    assert new.config["decouple"] == 1 and new.state_dict().keys() == old.state_dict().keys()
+    x = torch.randn((4, 3) if kind == "mlp" else (4, 3, 8, 8))
+    t, y = torch.rand(4), torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(new(x, t, t, y), old(x, t, t, y), atol=1e-6)
+    assert not torch.allclose(new(x, t, 0.3 * t, y), old(x, t, 0.3 * t, y), atol=1e-4)
+    save(new, path)
+    assert load(path).config["decouple"] == 1
+
+
+def test_decouple_bad_values():
+    for kw in [dict(decouple=3), dict(decouple=-1), dict(decouple=1, param="eps_ddpm")]:
+        with pytest.raises(ValueError, match="decouple"):
+            tiny_dit(**kw)
+    with pytest.raises(ValueError, match="decouple"):
+        MLP(dim=2, hidden=8, depth=2, decouple=3)
+
+
+def test_decoupled_dit_checkpointed_forward_ad_matches():
+    # activation checkpointing on forward-AD dual numbers (TVM's JVP with grad): the decoder's s has no tangent
+    fwAD = torch.autograd.forward_ad
+    net = randomize(tiny_dit(decouple=1)).double()
+    g = torch.Generator().manual_seed(2)
+    x, dx = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    t, s, y = torch.tensor([0.8, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64), torch.tensor([1, 2])
+    outs = []
+    for ckpt in (False, True):
+        net.grad_ckpt = ckpt
+        with fwAD.dual_level():
+            p, d = fwAD.unpack_dual(net(fwAD.make_dual(x, dx), fwAD.make_dual(t, torch.ones_like(t)), s, y))[:2]
+        outs.append((p, d))
+    ref = torch.func.jvp(lambda z, t_: net(z, t_, s, y), (x, t), (dx, torch.ones_like(t)))[1]
+    assert torch.allclose(outs[0][1], ref) and torch.allclose(outs[1][1], ref) and torch.allclose(outs[1][0], outs[0][0])

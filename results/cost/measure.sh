@@ -55,3 +55,4 @@ if want facm; then python methods/facm.py $NET --out-dir $OUT/facm; fi
 if want ctm; then python methods/ctm.py $NET --out-dir $OUT/ctm; fi
 if want pid; then python methods/pid.py $NET --out-dir $OUT/pid; fi
 if want soflow; then python methods/soflow.py $NET --out-dir $OUT/soflow; fi
+if want dmf; then python methods/dmf.py $NET --out-dir $OUT/dmf; fi

@@ -93,6 +93,11 @@ def estimate(method, a):
     if method == "pid":  # two student evaluations with grad (fd: two forwards; jvp: fwd + JVP) 2 + bwd through both 4 + teacher at f
         tg = 2 if a["teacher_cfg"] != 1 else 1
         return 6 + tg, f"{a['derivative']}: 2 student evaluations with grad 2 + bwd through both 4 + teacher {tg} (Dieleman: 7)"
+    if method == "dmf":  # every row: FM fwd/bwd 3 + MF (fwd+JVP 2, bwd through u 2) 4; guidance: no-grad fwds per term
+        g = 0 if not cond(a) or (a["cfg_omega"] == 1 and a["cfg_kappa"] == 0) else 1 if a["cfg_kappa"] == 0 else 2
+        j = 2 if a.get("dropout", 0) > 0 else 0  # dropout: the no-grad JVP on the FM rows too
+        return 7 + 2 * g + j, ("FM 3 + MF 4 on every row" + (f" + guidance {g} x 2 terms" if g else "") + (" + JVP on FM rows 2" if j else "")
+                               + " (not in Dieleman's table)")
     return None, "—"
 
 
