@@ -82,6 +82,14 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "lsd":  # first max(1, floor(eta B)) rows FM fwd/bwd 3; the others JVP with grad 2 + bwd through both 4 + teacher 1
+        n = mb(a)
+        p = min(n, max(1, int(n * a["diag_frac"]))) / n
+        return 3 * p + 7 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + teacher 1) x {1 - p:g} (Dieleman: 10, every term on every row)"
+    if method == "esd":  # as lsd, the teacher's v 1 and a no-grad spatial JVP 2 in place of the teacher at f
+        n = mb(a)
+        p = min(n, max(1, int(n * a["diag_frac"]))) / n
+        return 3 * p + 9 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + v 1 + spatial JVP 2) x {1 - p:g} (Dieleman: 10, every term on every row)"
     return None, "—"
 
 
