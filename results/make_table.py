@@ -55,6 +55,8 @@ METHODS = {
     "scm": ("sCM (sCT / sCD)", "continuous-time consistency (TrigFlow, JVP)", "[Lu & Song 2025](https://arxiv.org/abs/2410.11081)"),
     "ctm": ("Consistency Trajectory Models", "consistency distillation (trajectory, teacher ODE)", "[Kim et al. 2024](https://arxiv.org/abs/2310.02279)"),
     "pid": ("Physics Informed Distillation", "flow-map distillation without data (ODE residual, maps from t = 1)", "[Tee et al. 2024](https://arxiv.org/abs/2411.08378)"),
+    "lsd": ("Lagrangian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
+    "esd": ("Eulerian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
 }
 DISTILLED = (
     "dmd2",
@@ -93,6 +95,8 @@ SEED002 = {
     "pid": 7,
     "soflow": 7,
     "dmf": None,
+    "lsd": 10,
+    "esd": 10,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

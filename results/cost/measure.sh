@@ -56,3 +56,5 @@ if want ctm; then python methods/ctm.py $NET --out-dir $OUT/ctm; fi
 if want pid; then python methods/pid.py $NET --out-dir $OUT/pid; fi
 if want soflow; then python methods/soflow.py $NET --out-dir $OUT/soflow; fi
 if want dmf; then python methods/dmf.py $NET --out-dir $OUT/dmf; fi
+if want lsd; then python methods/lsd.py $NET --out-dir $OUT/lsd; fi
+if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi

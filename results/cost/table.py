@@ -98,6 +98,14 @@ def estimate(method, a):
         j = 2 if a.get("dropout", 0) > 0 else 0  # dropout: the no-grad JVP on the FM rows too
         return 7 + 2 * g + j, ("FM 3 + MF 4 on every row" + (f" + guidance {g} x 2 terms" if g else "") + (" + JVP on FM rows 2" if j else "")
                                + " (not in Dieleman's table)")
+    if method == "lsd":  # first max(1, floor(eta B)) rows FM fwd/bwd 3; the others JVP with grad 2 + bwd through both 4 + teacher 1
+        n = mb(a)
+        p = min(n, max(1, int(n * a["diag_frac"]))) / n
+        return 3 * p + 7 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + teacher 1) x {1 - p:g} (Dieleman: 10, every term on every row)"
+    if method == "esd":  # as lsd, the teacher's v 1 and a no-grad spatial JVP 2 in place of the teacher at f
+        n = mb(a)
+        p = min(n, max(1, int(n * a["diag_frac"]))) / n
+        return 3 * p + 9 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + v 1 + spatial JVP 2) x {1 - p:g} (Dieleman: 10, every term on every row)"
     return None, "—"
 
 
