@@ -42,8 +42,8 @@ projected to the sphere, EMA 0.9999, batch 512 for 400k steps on CIFAR-10); our 
 forward with grad on all rows in train mode (the code runs the split-row student with dropout off; same at
 the default --dropout 0). The code takes max(1, floor(p B)) diagonal rows; here floor(p B). The code's w
 layer starts random (a normalized MPConv), ours at 0; its checker MLP uses a constant w = 1 (a fixed e^-1
-scale): `--no-learned-weight` is that (w = 0). Labels: 10% become the null label as in every file (the
-released configs are unconditional). Results [paper Table 1, best checkpoint per step count over the
+scale): `--no-learned-weight` is that up to the constant factor (w = 0). Labels: 10% become the null label
+as in every file (the released configs are unconditional). Results [paper Table 1, best checkpoint per step count over the
 whole run]: CIFAR-10 1/2/4/8/16 steps PSD-M FID 12.81/8.43/5.96/5.07/4.64, PSD-U 13.61/7.95/6.03/5.32/5.16.
 Cost: one forward-backward on the batch and two no-grad forwards on the split rows (3 + 2 (1 - p) = 3.5
 forward passes at p = 0.75; 8 in Dieleman's table, which counts every term on the full batch).
@@ -278,7 +278,8 @@ if __name__ == "__main__":
     params = [*net.parameters(), *(logvar.parameters() if logvar is not None else [])]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
-    saved = {"net": net, "ema": ema, "opt": opt, **({"logvar": logvar} if logvar is not None else {})}  # what a checkpoint holds besides the data stream
+    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides the data stream
+    saved.update({"logvar": logvar} if logvar is not None else {})  # w: trained state, restored by --resume
     ddp_net, ddp_logvar = ddp(net, world), (ddp(logvar, world) if logvar is not None else None)
     psd_loss = compiled(psd_loss, args)  # --compile (common/run.py)
 

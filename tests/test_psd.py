@@ -67,17 +67,16 @@ def test_split_loss_and_gradient_vanish_at_the_exact_map_and_not_away():
     args = dataclasses.replace(ARGS, boundary_p=0.0)
     theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     net = lambda x_t, t, s, y_: exact(x_t, t, s, y_, steps=60) + theta * torch.sin(2 * x_t) * (t - s)[:, None]  # noqa: E731
-    for lv in (None, random_logvar()):
-        for value, small in ((0.0, True), (0.05, False)):
-            theta.data.fill_(value)
-            torch.manual_seed(0)
-            loss, terms = psd.psd_loss(net, lv, net, x, y, args)
-            grad = torch.autograd.grad(loss, theta)[0].abs()
-            if small:
-                assert terms["loss_split"] < 1e-12 and grad < 1e-6, (terms, grad)
-                assert lv is not None or loss < 1e-12, loss
-            else:
-                assert terms["loss_split"] > 1e-5 and grad > 1e-4, (terms, grad)
+    lv = random_logvar()
+    for value, small in ((0.0, True), (0.05, False)):
+        theta.data.fill_(value)
+        torch.manual_seed(0)
+        loss, terms = psd.psd_loss(net, lv, net, x, y, args)
+        grad = torch.autograd.grad(loss, theta)[0].abs()
+        if small:  # loss_split: the unweighted mean; the weighted loss is then mean(w) alone
+            assert terms["loss_split"] < 1e-12 and grad < 1e-6 and torch.isclose(loss, terms["logvar"].double()), (terms, grad)
+        else:
+            assert terms["loss_split"] > 1e-5 and grad > 1e-4, (terms, grad)
 
 
 def test_a_gradient_step_moves_toward_the_exact_map():
@@ -122,7 +121,8 @@ def posterior_gradients(shift, logvar, P=32, M=512):
 def test_diagonal_rows_on_posterior_tangents_have_zero_expected_gradient_at_the_exact_velocity():
     """From data, with the tangents training sees: at v* the expected gradient vanishes (z^2 ~ 1, Monte Carlo only), at
     v* + 0.3 it does not. With the learned weight (random, nonzero) no shift: e^-w(t, t) is one factor per time,
-    the same for every draw at a point (measured z^2 0.98 plain, 0.98 weighted; 1.1e3 / 1.0e3 off v*)."""
+    the same for every draw at a point, so z^2 is the same number with and without it (measured 0.654 at v*, 115 at
+    v* + 0.5, both ways: no shift). A per-row nonlinearity of the error (e.g. sqrt, an L2 norm) fails here."""
     lv = random_logvar(1)
     for logvar in (None, lv):
         at, off = posterior_gradients(0.0, logvar), posterior_gradients(0.5, logvar)
@@ -240,9 +240,9 @@ def test_split_target_runs_the_current_net_in_eval_mode():
 def test_sampler_is_exact_on_the_oracle():
     e = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     y = torch.full((100,), NULL)
-    end = G.flow_map(e, 1.0, 0.0, y, steps=200)
+    end = G.flow_map(e, 1.0, 0.0, y, steps=100)
     for k in (1, 2):
-        assert (psd.sample(lambda *a: exact(*a, steps=100), e, y, k) - end).abs().max() < 1e-4, k  # RK4 error of the oracle
+        assert (psd.sample(lambda *a: exact(*a, steps=50), e, y, k) - end).abs().max() < 1e-4, k  # RK4 error of the oracle (9e-6, 3e-15)
     # 2 steps go through t = 1/2 (a wrong grid would still land, but at another cost: check the calls)
     ts = []
     psd.sample(lambda x, t, s, y_: ts.append((t[0].item(), s[0].item())) or torch.zeros_like(x), e, y, 2)
@@ -288,7 +288,7 @@ def test_loop_targets_come_from_the_online_net_and_the_weight_head_trains(tmp_pa
     handle = register_optimizer_step_post_hook(lambda *a: stepped.append(1))
     MLP.forward, Loader.__next__ = recording, first_batch
     try:
-        g = run_here(SCRIPT, "--dataset", "gmm", "--steps", 2, "--batch-size", 32, "--hidden", 16, "--depth", 1,
+        g = run_here(SCRIPT, "--dataset", "gmm", "--steps", 1, "--batch-size", 32, "--hidden", 16, "--depth", 1,
                      "--eval-samples", 50, "--eval-steps", 1, "--out-dir", tmp_path, *(["--ema-target"] if ema_target else []))
     finally:
         MLP.forward, Loader.__next__ = forward, next_batch
