@@ -57,6 +57,7 @@ METHODS = {
     "pid": ("Physics Informed Distillation", "flow-map distillation without data (ODE residual, maps from t = 1)", "[Tee et al. 2024](https://arxiv.org/abs/2411.08378)"),
     "lsd": ("Lagrangian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "esd": ("Eulerian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
+    "psd": ("Progressive Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
 }
 DISTILLED = (
     "dmd2",
@@ -97,6 +98,7 @@ SEED002 = {
     "dmf": None,
     "lsd": 10,
     "esd": 10,
+    "psd": 8,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

@@ -58,3 +58,4 @@ if want soflow; then python methods/soflow.py $NET --out-dir $OUT/soflow; fi
 if want dmf; then python methods/dmf.py $NET --out-dir $OUT/dmf; fi
 if want lsd; then python methods/lsd.py $NET --out-dir $OUT/lsd; fi
 if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi
+if want psd; then python methods/psd.py $NET --out-dir $OUT/psd; fi

@@ -62,6 +62,9 @@ def estimate(method, a):
         p = round(a["boundary_p"] * mb(a)) / mb(a)
         tg = 2 if a["teacher_cfg"] != 1 else 1
         return 3 + tg * p + 2 * (1 - p), f"3 + teacher {tg} x {p:g} + 2 fwd x {1 - p:g} (Dieleman: 9)"
+    if method == "psd":  # fwd/bwd 3 (the weight head is tiny) + two no-grad fwds on the split rows; diagonal rows on e - x
+        p = int(a["boundary_p"] * mb(a)) / mb(a)
+        return 3 + 2 * (1 - p), f"3 + 2 fwd x {1 - p:g} split rows (Dieleman: 8, every term on the full batch)"
     if method == "ayf":  # teacher fwd + no-grad JVP 2 + fwd/bwd 3, every row (the JVP ignores ratio); LMD: teacher at f
         tg = 2 if a["teacher_cfg"] != 1 else 1  # --tangent-grad: JVP 2 + bwd through both 4; LMD: + bwd through the teacher 2 tg
         if a.get("tangent_grad"):
