@@ -30,7 +30,8 @@ plain regression with no stop-gradient anywhere:
 The second term (seed 002's FMM loss; not in the 2024 code: --inverse-weight 0) pins g = x_t, the
 invertibility the first term assumes. Times: t, s independent U(t_min, t_max), both orders
 (learn.py:556-563); the code's annealed laws are --anneal box (t, s in [t_min, a_k]) and --anneal
-diagonal (|t - s| <= a_k), a_k = linspace(0.05, 1, anneal_steps) as a fraction of [t_min, t_max].
+diagonal (|t - s| <= a_k), a_k = linspace(0.05, 1, anneal_steps), here a fraction of t_max - t_min (the
+code's a_k is absolute: the same on [0, 1]).
 Seed 002: FMM "works best when |t - s| is restricted" and is "not suitable for one step".
 
 PFMM (`--progressive`, the code's `distill` mode, losses.py:133-157, learn.py:100-149,525-539): the
@@ -178,7 +179,7 @@ class Args:
     inverse_weight: float = 1.0
     """weight of the inverse term sum (f(f(x_t, t, s), s, t) - x_t)^2 (seed 002's FMM loss; 0: the 2024 code's loss)"""
     anneal: str = "none"
-    """none: t, s independent U(t_min, t_max) | box: both in [t_min, a_k] | diagonal: |t - s| <= a_k (the code's box_anneal, diagonal_anneal)"""
+    """none: t, s independent U(t_min, t_max) | box: both in [t_min, t_min + a_k (t_max - t_min)] | diagonal: |t - s| <= a_k (t_max - t_min), clipped (the code's box_anneal, diagonal_anneal)"""
     anneal_steps: int = 1000
     """a_k rises linearly from 0.05 to 1 (a fraction of t_max - t_min) over this many steps (the code's anneal_steps)"""
     progressive: bool = False

@@ -82,6 +82,12 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "fmm":  # FMM: fwd with grad 1 + fwd with JVP 2 + bwd through both 4 + bwd of the fwd 2; PFMM: fwd/bwd 3 + 2 teacher fwds
+        if not a.get("progressive"):
+            return 9, "fwd 1 + fwd with JVP 2 + bwd through both 4 + bwd 2 (Dieleman: FMM 9)"
+        n = min(a["distill_steps"], a["steps"])
+        return sorted([9] * n + [5] * (a["steps"] - n))[a["steps"] // 2], (f"FMM 9 on the first {n} of {a['steps']} steps, then "
+                                                                             "3 + 2 teacher fwd = 5; the median step (Dieleman: PFMM 5)")
     return None, "—"
 
 
