@@ -109,6 +109,12 @@ def estimate(method, a):
         n = mb(a)
         p = min(n, max(1, int(n * a["diag_frac"]))) / n
         return 3 * p + 9 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + v 1 + spatial JVP 2) x {1 - p:g} (Dieleman: 10, every term on every row)"
+    if method == "fmm":  # FMM: fwd with grad 1 + fwd with JVP 2 + bwd through both 4 + bwd of the fwd 2; PFMM: fwd/bwd 3 + 2 teacher fwds
+        if not a.get("progressive"):
+            return 9, "fwd 1 + fwd with JVP 2 + bwd through both 4 + bwd 2 (Dieleman: FMM 9)"
+        n = min(a["distill_steps"], a["steps"])
+        return sorted([9] * n + [5] * (a["steps"] - n))[a["steps"] // 2], (f"FMM 9 on the first {n} of {a['steps']} steps, then "
+                                                                             "3 + 2 teacher fwd = 5; the median step (Dieleman: PFMM 5)")
     return None, "—"
 
 
