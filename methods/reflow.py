@@ -38,10 +38,11 @@ loss is L2, not LPIPS; t ~ U(0, 1) instead of t_RF ~ U(1e-3, 1); k-step distilla
 grid) is not offered. A reflow checkpoint cannot be the next teacher yet (common.dit.load_teacher takes
 fm checkpoints only), so 3-RF and distilling a 2-RF need that one-line change.
 
-Run:        python methods/reflow.py                        (gmm, teacher results/fm/gmm/model.safetensors)
+Run:        python methods/reflow.py                        (gmm, teacher results/fm/gmm/model.safetensors, online pairs)
             python methods/reflow.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --eval-every 250
-                --ckpt-every 250     (the DiT is the teacher's)
-            --pairs pairs.safetensors --num-pairs 100000: cached pairs; --t-fixed 1: one-step distillation
+                --ckpt-every 250 --pairs runs/reflow-pairs-mnist.safetensors --num-pairs 16000   (the DiT is the teacher's;
+                cached: 16000 pairs x 32 teacher forwards, reused over the 128000 rows the run draws)
+            --t-fixed 1: the one-step distillation stage (of the fm teacher: the paper's 1-RF + distill)
 Paper / code values (CIFAR-10): Adam lr 2e-4, warm-up 5000, grad clip 1, batch 128, EMA 0.9999 for reflow
 and distillation, t uniform, L2 (reflow) / LPIPS (distillation), >= 1M pairs. Reference: results/reflow/<dataset>/
 """
@@ -52,7 +53,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.data import make_loader
@@ -255,21 +257,25 @@ def replay_pairs(online, loader, n, null, args, device, amp):
     return {k: torch.cat(z)[:n].cpu().contiguous() for k, z in zip("exy", zip(*out))}
 
 
-def load_pairs(path, make, shape, null, world):
-    """The pairs cached in --pairs: made by make() and written atomically if the file is missing."""
+def load_pairs(path, make, made_from, shape, null, world):
+    """The pairs cached in --pairs: made by make() and written atomically if the file is missing;
+    `made_from` (data set, teacher, its guidance and solver) is stored with them and must match."""
     if not os.path.exists(path):
         if world > 1:
             raise SystemExit(f"--pairs {path}: no such file; generate it in one process first (the same flags, one process)")
         pairs = make()
-        write_atomic(path, lambda tmp: save_file(pairs, tmp))
+        write_atomic(path, lambda tmp: save_file(pairs, tmp, metadata={"made_from": made_from}))
     try:
-        pairs = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta, pairs = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise SystemExit(f"--pairs {path}: not a pairs file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     e, x, y = (pairs.get(k) for k in "exy")
     if (e is None or x is None or y is None or e.shape != x.shape or tuple(e.shape[1:]) != tuple(shape) or y.shape != e.shape[:1]
             or not len(y) or not e.is_floating_point() or y.is_floating_point() or y.min() < 0 or y.max() > null):
         raise SystemExit(f"--pairs {path}: expected tensors e, x of shape [N, {', '.join(map(str, shape))}] and labels y in [0, {null}]")
+    if meta.get("made_from", made_from) != made_from:
+        raise SystemExit(f"--pairs {path}: made from {meta['made_from']}, not from {made_from}")
     return pairs
 
 
@@ -307,7 +313,10 @@ if __name__ == "__main__":
     net.grad_ckpt = args.grad_ckpt
     online = lambda x, y: teacher_pairs(teacher, torch.randn_like(x), y, null, args)
     if args.pairs:  # cached: the online pairs of the first steps, made once
-        cache = load_pairs(args.pairs, lambda: replay_pairs(online, loader, args.num_pairs, null, args, device, amp), info["shape"], null, world)
+        made_from = (f"{args.dataset}, teacher {args.teacher.format(dataset=args.dataset)} (cfg {args.teacher_cfg:g}), "
+                     f"{args.pair_solver} x {args.pair_steps}")
+        make = lambda: replay_pairs(online, loader, args.num_pairs, null, args, device, amp)
+        cache = load_pairs(args.pairs, make, made_from, info["shape"], null, world)
     pairs = (lambda x, y: cached_pairs(cache, len(x), device)) if args.pairs else online
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
