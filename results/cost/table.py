@@ -82,6 +82,13 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "reflow":  # fwd/bwd 3 + the teacher's fixed-step ODE per pair (euler K, heun 2K - 1, rk4 4K fwd; guided: doubled batch)
+        k = a["pair_steps"]
+        n = {"euler": k, "heun": 2 * k - 1, "rk4": 4 * k}[a["pair_solver"]] * (2 if a["teacher_cfg"] != 1 else 1)
+        if a.get("pairs"):  # cached: num_pairs ODE solves once, spread over the run's steps x batch rows
+            share = a["num_pairs"] / (a["steps"] * a["batch_size"])
+            return 3 + n * share, f"3 + teacher ODE {n} fwd x {share:.3g} (pairs cached once, amortized; not in Dieleman's table)"
+        return 3 + n, f"3 + teacher ODE {n} fwd per pair, online ({a['pair_solver']} x {k}; not in Dieleman's table)"
     return None, "—"
 
 
