@@ -24,7 +24,7 @@ the online stream of the first num_pairs / batch steps in one process, so that i
 pairs at the same seed bit for bit, and written atomically; then each micro-batch draws random rows, as
 the official randperm per step). Labels: the loop's label dropout happens first, and a pair keeps the
 label the teacher was sampled with (null: the unconditional ODE); `--teacher-cfg` guides the teacher.
-Sampling (unchanged from fm): Euler, Heun or RK4 over t_k = linspace(1, 0, K + 1).
+Sampling: fm's Euler or Heun, plus RK4 (also the teacher's pair solver), over t_k = linspace(1, 0, K + 1).
 Where: sample_t (time law, --t-fixed), reflow_loss (the loss on pairs), sample (the ODE of the student
 and of the teacher), teacher_pairs (online pairs), replay_pairs / load_pairs / cached_pairs (the cache).
 
