@@ -59,6 +59,7 @@ METHODS = {
     "esd": ("Eulerian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "psd": ("Progressive Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "fmm": ("Flow Map Matching (FMM, --progressive: PFMM)", "flow map matching", "[Boffi et al. 2024](https://arxiv.org/abs/2406.07507)"),
+    "reflow": ("Rectified flow: reflow", "coupling (flow matching on the teacher's ODE pairs)", "[Liu et al. 2023](https://arxiv.org/abs/2209.03003)"),
 }
 DISTILLED = (
     "dmd2",
@@ -74,6 +75,7 @@ DISTILLED = (
     "ctm",
     "pid",
     "dmf",
+    "reflow",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -101,6 +103,7 @@ SEED002 = {
     "esd": 10,
     "psd": 8,
     "fmm": 9,
+    "reflow": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

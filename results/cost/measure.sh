@@ -60,3 +60,4 @@ if want lsd; then python methods/lsd.py $NET --out-dir $OUT/lsd; fi
 if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi
 if want psd; then python methods/psd.py $NET --out-dir $OUT/psd; fi
 if want fmm; then python methods/fmm.py $NET --out-dir $OUT/fmm; fi
+if want reflow; then python methods/reflow.py $NET --out-dir $OUT/reflow; fi

@@ -115,6 +115,13 @@ def estimate(method, a):
         n = min(a["distill_steps"], a["steps"])
         return sorted([9] * n + [5] * (a["steps"] - n))[a["steps"] // 2], (f"FMM 9 on the first {n} of {a['steps']} steps, then "
                                                                              "3 + 2 teacher fwd = 5; the median step (Dieleman: PFMM 5)")
+    if method == "reflow":  # fwd/bwd 3 + the teacher's fixed-step ODE per pair (euler K, heun 2K - 1, rk4 4K fwd; guided: doubled batch)
+        k = a["pair_steps"]
+        n = {"euler": k, "heun": 2 * k - 1, "rk4": 4 * k}[a["pair_solver"]] * (2 if a["teacher_cfg"] != 1 else 1)
+        if a.get("pairs"):  # cached: num_pairs ODE solves once, spread over the run's steps x batch rows
+            share = a["num_pairs"] / (a["steps"] * a["batch_size"])
+            return 3 + n * share, f"3 + teacher ODE {n} fwd x {share:.3g} (pairs cached once, amortized; not in Dieleman's table)"
+        return 3 + n, f"3 + teacher ODE {n} fwd per pair, online ({a['pair_solver']} x {k}; not in Dieleman's table)"
     return None, "—"
 
 
