@@ -190,3 +190,30 @@ def test_decoupled_dit_checkpointed_forward_ad_matches():
         outs.append((p, d))
     ref = torch.func.jvp(lambda z, t_: net(z, t_, s, y), (x, t), (dx, torch.ones_like(t)))[1]
     assert torch.allclose(outs[0][1], ref) and torch.allclose(outs[1][1], ref) and torch.allclose(outs[1][0], outs[0][0])
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_tangent_has_the_right_gradient_and_plain_calls_are_torchs_kernel(affine):
+    """torch's layer_norm forward-AD rule gives a wrong input gradient through the tangent (torch 2.14 CPU); the
+    networks' LayerNorm writes the formula out for dual inputs (gradcheck passes) and is torch's kernel otherwise."""
+    import torch.autograd.forward_ad as fwAD
+    from common.dit import LayerNorm
+    torch.manual_seed(0)
+    ln = LayerNorm(8, elementwise_affine=affine, eps=1e-6).double()
+    if affine:
+        with torch.no_grad():
+            ln.weight.normal_(), ln.bias.normal_()
+    tx = torch.randn(3, 8, dtype=torch.float64)
+
+    def through_tangent(x):
+        with fwAD.dual_level():
+            p, t = fwAD.unpack_dual(ln(fwAD.make_dual(x, tx)))
+        return (t ** 2).sum() + (p * t).sum()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(through_tangent, (x,))
+    ref = torch.nn.LayerNorm(8, elementwise_affine=affine, eps=1e-6).double()
+    ref.load_state_dict(ln.state_dict())
+    assert torch.equal(ln(x), ref(x))  # plain input: torch's kernel, bit for bit
+    with fwAD.dual_level():  # dual input: the same values and tangent as torch's rule
+        a, b = fwAD.unpack_dual(ln(fwAD.make_dual(x.detach(), tx))), fwAD.unpack_dual(ref(fwAD.make_dual(x.detach(), tx)))
+    torch.testing.assert_close(a.primal, b.primal), torch.testing.assert_close(a.tangent, b.tangent)
