@@ -46,7 +46,8 @@ the same without dropout). With --dropout > 0 the finite-difference forward runs
 RNG, so its masks are the forward's (official: the same RNG state restored). Label dropout: our generic
 --label-dropout (official: 0.1 only when guidance is on, none otherwise). In bf16 (--precision auto on CUDA) the
 difference of two forwards is rounding: measured under CPU autocast (random-init MLP and mnist DiT, r = 0.1 to 1e-3),
-|FD - JVP| / |JVP| is 3 to 135 in bf16 against 0.004 to 0.3 in fp32: use --precision fp32 (official: fp32, TF32 on).
+|FD - JVP| / |JVP| is 3 to 135 in bf16 against 0.004 to 0.3 in fp32: so this file defaults to --precision fp32
+(every other file: auto = bf16 on CUDA); official: fp32 with TF32 matmuls on (--tf32; its rounding is not measured here).
 
 Run:        python methods/soflow.py                    (2-D gmm)
             python methods/soflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
@@ -125,8 +126,9 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "auto"
-    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
+    precision: str = "fp32"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU.
+    fp32 by default HERE (every other file: auto): in bf16 the finite difference of two forwards is rounding (docstring)"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
