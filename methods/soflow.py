@@ -46,8 +46,8 @@ the same without dropout). With --dropout > 0 the finite-difference forward runs
 RNG, so its masks are the forward's (official: the same RNG state restored). Label dropout: our generic
 --label-dropout (official: 0.1 only when guidance is on, none otherwise). In bf16 (--precision auto on CUDA) the
 difference of two forwards is rounding: measured under CPU autocast (random-init MLP and mnist DiT, r = 0.1 to 1e-3),
-|FD - JVP| / |JVP| is 3 to 135 in bf16 against 0.004 to 0.3 in fp32: so this file defaults to --precision fp32
-(every other file: auto = bf16 on CUDA); official: fp32 with TF32 matmuls on (--tf32; its rounding is not measured here).
+|FD - JVP| / |JVP| is 3 to 135 in bf16 against 0.004 to 0.3 in fp32: under autocast both forwards of the difference
+run in fp32 (one more no-grad forward; official: fp32 with TF32 matmuls on, whose rounding is not measured here).
 
 Run:        python methods/soflow.py                    (2-D gmm)
             python methods/soflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
@@ -126,9 +126,8 @@ class Args:
     """dropout inside the network"""
     label_dropout: float = 0.1
     """probability of replacing a label by the null class (classifier-free guidance)"""
-    precision: str = "fp32"
-    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU.
-    fp32 by default HERE (every other file: auto): in bf16 the finite difference of two forwards is rounding (docstring)"""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast with fp32 master weights; times, targets and losses stay fp32); auto: bf16 and TF32 on CUDA, fp32 on CPU"""
     tf32: bool = False
     """allow TF32 matmuls on CUDA in fp32"""
     grad_ckpt: bool = False
@@ -264,14 +263,19 @@ def mean_velocity_and_target(net, x_t, t, s, l, y, v_g, m, dropout):
     backward difference (u - u_l) / (t - l) of the CURRENT net, u_l = net(x_l, l, s, y) at x_l = x_t - (t - l) v_g
     under no_grad, in a forked RNG so the forward draws the same dropout masks; only rows m.. (s != t) need it (rows
     0..m-1 have s = t: their target is v_g), unless dropout asks for the whole batch's masks."""
-    j = 0 if dropout > 0 else m
+    j, amp = 0 if dropout > 0 else m, torch.is_autocast_enabled(x_t.device.type)
+    fork = lambda: torch.random.fork_rng([x_t.device] if x_t.is_cuda else []) if dropout > 0 else contextlib.nullcontext()  # noqa: E731
     u_tgt = v_g.clone()
-    if j < len(x_t):
-        with torch.no_grad(), (torch.random.fork_rng([x_t.device] if x_t.is_cuda else []) if dropout > 0 else contextlib.nullcontext()):
-            u_l = net(x_t[j:] - (t[j:] - l[j:]).view(-1, *[1] * (x_t.dim() - 1)) * v_g[j:], l[j:], s[j:], y[j:])[m - j:]
+    if j < len(x_t):  # under bf16 autocast both ends of the difference run in fp32 (in bf16 it is rounding: docstring)
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False) if amp else contextlib.nullcontext():
+            with fork():
+                u_l = net(x_t[j:] - (t[j:] - l[j:]).view(-1, *[1] * (x_t.dim() - 1)) * v_g[j:], l[j:], s[j:], y[j:])[m - j:]
+            if amp:
+                with fork():
+                    u_0 = net(x_t[j:], t[j:], s[j:], y[j:])[m - j:].float()
     u = net(x_t, t, s, y)
     if m < len(x_t):
-        du_dt = (u[m:].detach() - u_l) / (t[m:] - l[m:]).view(-1, *[1] * (x_t.dim() - 1))
+        du_dt = ((u_0 if amp else u[m:].detach()) - u_l) / (t[m:] - l[m:]).view(-1, *[1] * (x_t.dim() - 1))
         u_tgt[m:] = v_g[m:] - (l[m:] - s[m:]).view(-1, *[1] * (x_t.dim() - 1)) * du_dt
     return u, u_tgt
 
