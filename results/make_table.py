@@ -52,12 +52,13 @@ METHODS = {
     "facm": ("Flow-Anchored Consistency Models", "consistency distillation (JVP) + flow-matching anchor", "[Peng et al. 2025](https://arxiv.org/abs/2507.03738)"),
     "scm": ("sCM (sCT / sCD)", "continuous-time consistency (TrigFlow, JVP)", "[Lu & Song 2025](https://arxiv.org/abs/2410.11081)"),
     "ctm": ("Consistency Trajectory Models", "consistency distillation (trajectory, teacher ODE)", "[Kim et al. 2024](https://arxiv.org/abs/2310.02279)"),
+    "imm": ("Inductive Moment Matching (a reconstruction)", "moment matching (flow map, [recon])", "[Zhou et al. 2025](https://arxiv.org/abs/2503.07565)"),
 }
 DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ect", "cm", "facm", "scm", "ctm")  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "shortcut": 8, "splitmeanflow": 9, "ayf": 6, "freeflow": 12,
            "alphaflow": None, "dmd2": None, "fsf_dmd": None, "mfd": None, "ect": None, "cm": 5, "facm": 8,
-           "scm": None, "ctm": 7}
+           "scm": None, "ctm": 7, "imm": None}
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}
 # the leaderboard's standard budgets: (steps, required args)

@@ -52,3 +52,4 @@ if want ect; then python methods/ect.py $NET --out-dir $OUT/ect; fi
 if want scm; then python methods/scm.py $NET --out-dir $OUT/scm; fi
 if want facm; then python methods/facm.py $NET --out-dir $OUT/facm; fi
 if want ctm; then python methods/ctm.py $NET --out-dir $OUT/ctm; fi
+if want imm; then python methods/imm.py $NET --out-dir $OUT/imm; fi

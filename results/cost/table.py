@@ -82,6 +82,8 @@ def estimate(method, a):
         ek = (2 * a["k_max"] + 1) / 3  # target: inner no-grad + outer 2; DSM fwd/bwd 3 (the adaptive weight's grads stop at the last layer)
         d = 3 if a["dsm_weight"] > 0 else 0
         return 8 + d + 2 * ek, f"teacher 2 x E[k] {ek:.2f} + 3 + target-net jump 3 + target 2" + (" + DSM 3" if d else "") + " (Dieleman: 7)"
+    if method == "imm":  # student fwd/bwd 3 + the no-grad target fwd at r 1 (online or EMA); the M x M kernel is on outputs
+        return 4, "3 + target 1 (not in Dieleman's table; CT there: 4)"
     return None, "—"
 
 
