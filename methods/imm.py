@@ -257,8 +257,8 @@ def imm_loss(net, target, x, y, args):
         f_r = x_r - (r - s) * target(x_r, r.flatten(), s.flatten(), y_r)  # forked RNG: the student's forward draws the same masks
     f_t = x_t - (t - s) * net(x_t, t.flatten(), s.flatten(), y)
     h, tg = (t - s).flatten()[::M], t.flatten()[::M]
-    m = mmd(f_t.float().reshape(G, M, -1), f_r.float().reshape(G, M, -1), h.float(), args)  # the kernel in fp32 (bf16 runs)
-    loss = (weight(tg.float(), args.weight_a, args.weight_b) * m).mean()
+    m = mmd(f_t.reshape(G, M, -1), f_r.reshape(G, M, -1), h, args)  # fp32 in bf16 runs too: x_t is fp32
+    loss = (weight(tg, args.weight_a, args.weight_b) * m).mean()
     return loss, {"loss": loss.detach(), "mmd": m.detach().mean(), "r_is_s": (r.flatten()[::M] == s.flatten()[::M]).float().mean()}
 
 
