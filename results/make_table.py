@@ -60,6 +60,7 @@ METHODS = {
     "psd": ("Progressive Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "fmm": ("Flow Map Matching (FMM, --progressive: PFMM)", "flow map matching", "[Boffi et al. 2024](https://arxiv.org/abs/2406.07507)"),
     "reflow": ("Rectified flow: reflow", "coupling (flow matching on the teacher's ODE pairs)", "[Liu et al. 2023](https://arxiv.org/abs/2209.03003)"),
+    "imm": ("Inductive Moment Matching (a reconstruction)", "moment matching (flow map, [recon])", "[Zhou et al. 2025](https://arxiv.org/abs/2503.07565)"),
 }
 DISTILLED = (
     "dmd2",
@@ -104,6 +105,7 @@ SEED002 = {
     "psd": 8,
     "fmm": 9,
     "reflow": None,
+    "imm": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

@@ -61,3 +61,4 @@ if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi
 if want psd; then python methods/psd.py $NET --out-dir $OUT/psd; fi
 if want fmm; then python methods/fmm.py $NET --out-dir $OUT/fmm; fi
 if want reflow; then python methods/reflow.py $NET --out-dir $OUT/reflow; fi
+if want imm; then python methods/imm.py $NET --out-dir $OUT/imm; fi

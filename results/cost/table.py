@@ -122,6 +122,8 @@ def estimate(method, a):
             share = a["num_pairs"] / (a["steps"] * a["batch_size"])
             return 3 + n * share, f"3 + teacher ODE {n} fwd x {share:.3g} (pairs cached once, amortized; not in Dieleman's table)"
         return 3 + n, f"3 + teacher ODE {n} fwd per pair, online ({a['pair_solver']} x {k}; not in Dieleman's table)"
+    if method == "imm":  # student fwd/bwd 3 + the no-grad target fwd at r 1 (online or EMA); the M x M kernel is on outputs
+        return 4, "3 + target 1 (not in Dieleman's table; CT there: 4)"
     return None, "—"
 
 
