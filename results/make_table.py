@@ -53,12 +53,13 @@ METHODS = {
     "scm": ("sCM (sCT / sCD)", "continuous-time consistency (TrigFlow, JVP)", "[Lu & Song 2025](https://arxiv.org/abs/2410.11081)"),
     "ctm": ("Consistency Trajectory Models", "consistency distillation (trajectory, teacher ODE)", "[Kim et al. 2024](https://arxiv.org/abs/2310.02279)"),
     "pid": ("Physics Informed Distillation", "flow-map distillation without data (ODE residual, maps from t = 1)", "[Tee et al. 2024](https://arxiv.org/abs/2411.08378)"),
+    "vsd": ("Diff-Instruct / VSD", "distribution matching (fake velocity net, unnormalized)", "[Luo et al. 2023](https://arxiv.org/abs/2305.18455)"),
 }
-DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ect", "cm", "facm", "scm", "ctm", "pid")  # everything else trains from data
+DISTILLED = ("dmd2", "fsf_dmd", "mfd", "splitmeanflow", "ayf", "freeflow", "ect", "cm", "facm", "scm", "ctm", "pid", "vsd")  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "shortcut": 8, "splitmeanflow": 9, "ayf": 6, "freeflow": 12,
            "alphaflow": None, "dmd2": None, "fsf_dmd": None, "mfd": None, "ect": None, "cm": 5, "facm": 8,
-           "scm": None, "ctm": 7, "pid": 7}
+           "scm": None, "ctm": 7, "pid": 7, "vsd": None}
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}
 # the leaderboard's standard budgets: (steps, required args)

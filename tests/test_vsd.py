@@ -278,19 +278,19 @@ def test_three_distinct_networks_and_gen_t_reaches_every_generator_call(tmp_path
         lambda mod, inp: calls.append((mod, inp[0].detach().clone(), inp[1].detach().clone(), inp[2].detach().clone()))
         if isinstance(mod, MLP) else None)
     try:
-        g = run_here(SCRIPT, "--teacher", teacher, "--batch-size", 256, "--hidden", 16, "--depth", 2, "--steps", 2, "--gen-t", 0.25,
-                     "--eval-steps", 1, "--eval-samples", 400, "--out-dir", tmp_path)
+        g = run_here(SCRIPT, "--teacher", teacher, "--batch-size", 128, "--hidden", 16, "--depth", 2, "--steps", 2, "--gen-t", 0.25,
+                     "--eval-steps", 1, "--eval-samples", 200, "--out-dir", tmp_path)
     finally:
         hook.remove()
     nets = [g["net"], g["ema"], g["fake"], g["teacher_net"]]
     ptrs = [{p.data_ptr() for p in n.parameters()} for n in nets]
     assert len({id(n) for n in nets}) == 4 and all(not (a & b) for i, a in enumerate(ptrs) for b in ptrs[i + 1:])
-    t_cost = torch.rand(256, generator=torch.Generator().manual_seed(0))  # common.eval.time_forward's (not the method's)
+    t_cost = torch.rand(128, generator=torch.Generator().manual_seed(0))  # common.eval.time_forward's (not the method's)
     gen_calls = [c for c in calls if (c[0] is g["net"] or c[0] is g["ema"]) and not torch.equal(c[2], t_cost)]
     assert {c[0] is g["ema"] for c in gen_calls} == {True, False}  # trained and evaluated
     for _, x, t, s in gen_calls:
         assert (t == 0.25).all() and (s == 0.25).all()
-        assert 0.2 < x.std().item() < 0.3, x.std()  # 0.25 e
+        assert 0.15 < x.std().item() < 0.35, x.std()  # 0.25 e (e: 1)
     others = torch.cat([c[2] for c in calls if c[0] is g["fake"] or c[0] is g["teacher_net"]])
     assert others.std() > 0.1  # the distribution-matching and fake times vary
 

@@ -54,3 +54,4 @@ if want scm; then python methods/scm.py $NET --out-dir $OUT/scm; fi
 if want facm; then python methods/facm.py $NET --out-dir $OUT/facm; fi
 if want ctm; then python methods/ctm.py $NET --out-dir $OUT/ctm; fi
 if want pid; then python methods/pid.py $NET --out-dir $OUT/pid; fi
+if want vsd; then python methods/vsd.py $NET --out-dir $OUT/vsd; fi
