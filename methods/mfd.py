@@ -22,9 +22,11 @@ paper lost its equations; in cleanflow notation (checked against the official co
 A descent step moves x0 along u_A - u_T = u_fake - u_real (the distribution-matching sign rule).
 The Jacobian of the ODE solution w.r.t. x_t is dropped on purpose (eq. 18 -> 19, paper B.6): the
 rollouts run under no_grad and u_A, u_T are constants. `aux_ratio` auxiliary updates precede every
-student update (Alg. 1, TTUR). VSD limit: `--ode-step 1` (any step >= t - r) gives K = 1 for
-every pair, u_F = v_F(x_t, t), i.e. the Diff-Instruct / VSD gradient (1 - t)(v_A - v_T) at t =
-max of two draws (the official script reaches it with --r_not_equal_t_ratio 0, r = t: the same).
+student update (Alg. 1, TTUR). `--ode-step 1` (any step >= t - r) gives K = 1 for every pair,
+u_F = v_F(x_t, t): the per-sample direction of Diff-Instruct / VSD (v_A - v_T), weighted (1 - t)
+at t = max of two draws; the official Diff-Instruct (methods/vsd.py) weighs t at t ~ LN(-1.2, 1.2)
+(share of the expected weight on t > 0.5: 0.500 vs 0.363): VSD's direction, not Diff-Instruct's
+objective (the official script reaches K = 1 with --r_not_equal_t_ratio 0, r = t: the same).
 Where: sample_tr (times), avg_velocity (eq. 15-16), student_loss (eq. 17-20), aux_loss (eq. 9),
 generate (the student sampler; Alg. 1 is the training loop at the bottom).
 
@@ -154,7 +156,7 @@ class Args:
     teacher_cfg: float = 1.0
     """teacher guidance w, v_cfg = v_u + w (v_c - v_u) (official SANA: 4.5)"""
     ode_step: float = 0.02
-    """Euler step of the rollouts over [r, t], K = ceil((t - r) / ode_step); >= 1: K = 1, the VSD limit"""
+    """Euler step of the rollouts over [r, t], K = ceil((t - r) / ode_step); >= 1: K = 1, VSD's direction (mfd's time weight)"""
     aux_ratio: int = 9
     """auxiliary-net updates per student update (official code 9; paper text 10)"""
     aux_lr: float = 1e-3
@@ -174,7 +176,7 @@ def check_args(args):
     if args.time_dist not in ("logit-normal", "uniform"):
         raise SystemExit(f"--time-dist {args.time_dist}: expected logit-normal or uniform")
     if not args.ode_step > 0:
-        raise SystemExit(f"--ode-step {args.ode_step}: expected a positive step size (>= 1 gives the VSD limit)")
+        raise SystemExit(f"--ode-step {args.ode_step}: expected a positive step size (>= 1: one Euler step)")
     if args.aux_ratio < 1:
         raise SystemExit(f"--aux-ratio {args.aux_ratio}: expected an integer >= 1 (auxiliary updates per student update)")
     if args.gen_steps < 1 or args.aux_lr <= 0:

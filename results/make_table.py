@@ -61,6 +61,7 @@ METHODS = {
     "fmm": ("Flow Map Matching (FMM, --progressive: PFMM)", "flow map matching", "[Boffi et al. 2024](https://arxiv.org/abs/2406.07507)"),
     "reflow": ("Rectified flow: reflow", "coupling (flow matching on the teacher's ODE pairs)", "[Liu et al. 2023](https://arxiv.org/abs/2209.03003)"),
     "imm": ("Inductive Moment Matching (a reconstruction)", "moment matching (flow map, [recon])", "[Zhou et al. 2025](https://arxiv.org/abs/2503.07565)"),
+    "vsd": ("Diff-Instruct / VSD", "distribution matching (fake velocity net, unnormalized)", "[Luo et al. 2023](https://arxiv.org/abs/2305.18455)"),
 }
 DISTILLED = (
     "dmd2",
@@ -77,6 +78,7 @@ DISTILLED = (
     "pid",
     "dmf",
     "reflow",
+    "vsd",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -106,6 +108,7 @@ SEED002 = {
     "fmm": 9,
     "reflow": None,
     "imm": None,
+    "vsd": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

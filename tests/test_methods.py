@@ -78,7 +78,7 @@ def logged(run):
 
 # what makes every network of a file train within the 2 steps of the runs below (dmd2: the generator
 # only steps every --ttur steps, the discriminator only with the GAN on)
-TRAIN_ALL = {"dmd2": ["--ttur", 2, "--gan-weight", 3e-3, "--backsim-steps", 2]}
+TRAIN_ALL = {"dmd2": ["--ttur", 2, "--gan-weight", 3e-3, "--backsim-steps", 2], "vsd": ["--gan-weight", 3e-3, "--backsim-steps", 2]}
 
 
 def ddp_flags(method, tiny_teacher, fid_ref):

@@ -25,6 +25,10 @@ def estimate(method, a):
         gan_fake, gan_gen = (6, 3) if a["gan_weight"] > 0 else (0, 0)  # disc on fake + real x, gen through fake
         e = 4 + gan_fake + (4 + gan_gen) / a["ttur"]
         return e, f"4{' + 6 GAN' if gan_fake else ''} every step + ({4 + gan_gen}) every {a['ttur']}th"
+    if method == "vsd":  # dmd2's rule: every step G fwd (no grad) + fake fwd/bwd; generator turn: G bwd + teacher + fake fwd
+        gan_fake, gan_gen = (6, 3) if a["gan_weight"] > 0 else (0, 0)
+        e = 4 + gan_fake + (4 + gan_gen) / a["ttur"]
+        return e, f"4{' + 6 GAN' if gan_fake else ''} fake + ({4 + gan_gen}) generator per {a['ttur']} step(s) (Diff-Instruct: 1)"
     if method == "fsf_dmd":  # L_CD: teacher 1 + fwd/JVP 2 + fwd/bwd 3; L_FSF: M-1 no-grad jumps + 3 + teacher + EMA
         m = a["sim_steps"]
         return 6 + (m - 1) + 5, f"CD 6 (AYF-EMD in Dieleman's table: 6) + DM {m + 4}"
