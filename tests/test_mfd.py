@@ -44,7 +44,7 @@ def test_rollout_matches_the_exact_average_velocity():
     assert err.max() < 0.02 and err.mean() < 0.003, (err.max(), err.mean())  # Euler error O(step)
     u_coarse, _ = mfd.avg_velocity(oracle(G), x_t, t, r, y, 0.25)
     assert (u_coarse - exact).norm(dim=1).mean() > 5 * err.mean()  # the step does matter
-    # VSD limit: a step >= t - r is one Euler step, the instantaneous velocity at (x_t, t)
+    # the K = 1 limit (VSD's direction, not its time law or weight): a step >= t - r is one Euler step, the instantaneous velocity at (x_t, t)
     u_vsd, K_vsd = mfd.avg_velocity(oracle(G), x_t, t, r, y, 1.0)
     assert (K_vsd == 1).all() and torch.allclose(u_vsd, G.velocity(x_t, t, y), atol=1e-12)
 
