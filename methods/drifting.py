@@ -16,7 +16,7 @@ from t = 1 to s = 0, as every one-step file here):
     per feature map phi and location: d_ij = |phi(x_i) - phi(z_j)| (L2, not squared), z = [n; p];
             s = mean d (over every pair of every group and location), r = max(s / sqrt(D), 1e-3)
     per R in temps: k = -d / (s R) (self + 100 / R); A = sqrt(softmax_j(k) softmax_i(k)) (>= 1e-3)
-            V_R(i) = sum_p A_ip (sum_n A_in) (z_p - x_i) - sum_n A_in (sum_p A_ip) (z_n - x_i)   (drift_loss.py:97-118)
+            V_R(i) = sum_p A_ip (sum_n A_in) (z_p - x_i) - sum_n A_in (sum_p A_ip) (z_n - x_i)   (drift_loss.py:90-119)
     goal = sg(phi(x) / r + sum_R V_R / rms(V_R));   loss = sum_phi mean (phi(x) / r - goal)^2      (:120-131)
 
 so a gradient step moves phi(x) / r by the normalized field: toward the positives, away from the other
@@ -159,6 +159,11 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------- ALGO LOGIC
+def fp32(x):
+    """At least float32 (bf16 features are cast up as the official casts to float32; float64 stays, for tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def cdist(a, b):
     """[L, N, D] x [L, M, D] -> [L, N, M] L2 distances, the squared distance clipped at 1e-8 (official)."""
     sq = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)
@@ -169,8 +174,8 @@ def cdist(a, b):
 def drift_forces(f, f_pos, y, y_pos, temps):
     """The raw field per temperature on features f [N, L, D] (generated) against f_pos [M, L, D] (data),
     groups by label: ([V_R, each [N, L, D] in scaled units], r). Targets: the generated samples
-    themselves (negatives, self masked by +100 / R) then the positives (drift_loss.py:60-118)."""
-    f, f_pos = f.transpose(0, 1).float(), f_pos.transpose(0, 1).float()  # locations first: [L, N, D]
+    themselves (negatives, self masked by +100 / R) then the positives (drift_loss.py:65-119)."""
+    f, f_pos = fp32(f.transpose(0, 1)), fp32(f_pos.transpose(0, 1))  # locations first: [L, N, D]
     n, dim = f.shape[1], f.shape[2]
     z = torch.cat([f, f_pos], 1)
     same = (y[:, None] == torch.cat([y, y_pos])[None, :]).float()  # [N, N + M]: pairs inside a group
@@ -192,7 +197,7 @@ def drift_forces(f, f_pos, y, y_pos, temps):
 def drift_goal(f, f_pos, y, y_pos, temps):
     """(goal, r): goal = sg(f / r + sum_R V_R / rms(V_R)), each field scaled to unit RMS (official)."""
     forces, r = drift_forces(f, f_pos, y, y_pos, temps)
-    return (f.detach().float() / r + sum(v / v.pow(2).mean().clamp_min(1e-8).sqrt() for v in forces)).detach(), r
+    return (fp32(f.detach()) / r + sum(v / v.pow(2).mean().clamp_min(1e-8).sqrt() for v in forces)).detach(), r
 
 
 def feature_maps(x, encoder):
@@ -202,7 +207,7 @@ def feature_maps(x, encoder):
     h = x
     for i, stage in enumerate(encoder or []):
         h = stage(h)
-        m = h.flatten(2).transpose(1, 2).float()  # [N, HW, C]
+        m = fp32(h.flatten(2).transpose(1, 2))  # [N, HW, C]
         out[f"conv{i}"], out[f"conv{i}_mean"] = m, m.mean(1, keepdim=True)
         out[f"conv{i}_std"] = (m.var(1, unbiased=False, keepdim=True) + 1e-6).sqrt()
     return out
@@ -223,7 +228,7 @@ def drifting_loss(net, encoder, x, y, args):
     with torch.autocast(x.device.type, enabled=False):  # the field in fp32 (official casts to float32)
         for name, f in gen.items():
             goal, r = drift_goal(f, pos[name], y, y, args.temps)
-            l_f = ((f.float() / r - goal) ** 2).mean()
+            l_f = ((fp32(f) / r - goal) ** 2).mean()
             loss, terms[f"loss_{name}"] = loss + l_f, l_f.detach()
     return loss, {"loss": loss.detach(), **terms}
 

@@ -109,6 +109,10 @@ def estimate(method, a):
         n = mb(a)
         p = min(n, max(1, int(n * a["diag_frac"]))) / n
         return 3 * p + 9 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + v 1 + spatial JVP 2) x {1 - p:g} (Dieleman: 10, every term on every row)"
+    if method == "drifting":  # generator fwd/bwd 3; mnist --features classifier: digit-CNN conv stages fwd on the data 1, on the
+        # samples fwd + bwd 3, each ~0.09 of the reference DiT's forward (FLOPs); the field itself (distances, softmaxes) not counted
+        enc = a["dataset"] == "mnist" and a.get("features", "classifier") == "classifier"
+        return 3 + (4 * 0.09 if enc else 0), "fwd/bwd 3" + (" + 4 classifier passes x 0.09 FLOPs of the DiT" if enc else "") + " (not in Dieleman's table)"
     return None, "—"
 
 
