@@ -62,6 +62,7 @@ METHODS = {
     "reflow": ("Rectified flow: reflow", "coupling (flow matching on the teacher's ODE pairs)", "[Liu et al. 2023](https://arxiv.org/abs/2209.03003)"),
     "imm": ("Inductive Moment Matching (a reconstruction)", "moment matching (flow map, [recon])", "[Zhou et al. 2025](https://arxiv.org/abs/2503.07565)"),
     "vsd": ("Diff-Instruct / VSD", "distribution matching (fake velocity net, unnormalized)", "[Luo et al. 2023](https://arxiv.org/abs/2305.18455)"),
+    "drifting": ("Drifting", "drifting field (one-step, from data)", "[Deng et al. 2026](https://arxiv.org/abs/2602.04770)"),
 }
 DISTILLED = (
     "dmd2",
@@ -109,6 +110,7 @@ SEED002 = {
     "reflow": None,
     "imm": None,
     "vsd": None,
+    "drifting": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

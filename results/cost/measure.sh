@@ -63,3 +63,4 @@ if want fmm; then python methods/fmm.py $NET --out-dir $OUT/fmm; fi
 if want reflow; then python methods/reflow.py $NET --out-dir $OUT/reflow; fi
 if want imm; then python methods/imm.py $NET --out-dir $OUT/imm; fi
 if want vsd; then python methods/vsd.py $NET --out-dir $OUT/vsd; fi
+if want drifting; then python methods/drifting.py $NET --out-dir $OUT/drifting; fi

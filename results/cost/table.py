@@ -128,6 +128,10 @@ def estimate(method, a):
         return 3 + n, f"3 + teacher ODE {n} fwd per pair, online ({a['pair_solver']} x {k}; not in Dieleman's table)"
     if method == "imm":  # student fwd/bwd 3 + the no-grad target fwd at r 1 (online or EMA); the M x M kernel is on outputs
         return 4, "3 + target 1 (not in Dieleman's table; CT there: 4)"
+    if method == "drifting":  # generator fwd/bwd 3; mnist --features classifier: digit-CNN conv stages fwd on the data 1, on the
+        # samples fwd + bwd 3, each ~0.09 of the reference DiT's forward (FLOPs); the field itself (distances, softmaxes) not counted
+        enc = a["dataset"] == "mnist" and a.get("features", "classifier") == "classifier"
+        return 3 + (4 * 0.09 if enc else 0), "fwd/bwd 3" + (" + 4 classifier passes x 0.09 FLOPs of the DiT" if enc else "") + " (not in Dieleman's table)"
     return None, "—"
 
 
