@@ -4,8 +4,8 @@ generator's exact velocity (unnormalized mode), so alpha = 1/2 is half the Fishe
 1.2 is not; the normalization detached; the official loss trains the toy and a flipped one does not. The
 SiD time law and the fake loss's time law, weight, target and exact solution; the one-step sampler exact at
 the exact map, the generator's input time; the loop run in this process (fake turn first, its optimizer step
-before the generator's loss, no gradient crossing between the nets, each net stepped only by its own
-optimizer, the EMA); bad flags."""
+before the generator's loss, fresh noise for the generator's turn, no gradient crossing between the nets,
+each net stepped only by its own optimizer, the EMA, the evaluation sampler at --gen-t); bad flags."""
 import dataclasses
 import math
 import os
@@ -53,6 +53,25 @@ def test_gradient_vanishes_on_every_sample_at_q_equal_p():
         assert g.abs().max() < 1e-12, (kw, g.abs().max())
     g = per_sample_grad(x0 + SHIFT, shifted(SHIFT), 1)
     assert (g.norm(dim=1) > 1e-12).all() and g.norm(dim=1).median() > 1e-2, g.norm(dim=1).min()
+
+
+def test_both_nets_see_the_same_x_t_at_s_equal_t():
+    # teacher and fake at the same noised point x_t = (1 - t) x0 + t n, the fake at s = t (a net that depends on s)
+    seen = {}
+
+    def net(name):
+        def f(x_t, t, s, y):
+            seen[name] = (x_t, t, s)
+            return 0.7 * x_t + torch.stack([t, s], 1) * (name == "fake")
+        return f
+    x0 = torch.randn(1000, 2, dtype=torch.float64)
+    torch.manual_seed(7)
+    sid.sid_loss(x0, nulls(1000), net("teacher"), net("fake"), NULL, sid.Args())
+    torch.manual_seed(7)
+    t = sid.sample_dm_t(1000, sid.Args(), "cpu")
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn_like(x0)
+    for name in ("teacher", "fake"):
+        assert torch.equal(seen[name][1], t) and torch.equal(seen[name][2], t) and torch.allclose(seen[name][0], x_t), name
 
 
 def fisher_setup(t0, n=50000, seed=0):
@@ -238,10 +257,11 @@ def test_bad_flags(field, value, needle):
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     """7 steps on gmm (oracle teacher), --ttur 3: generator turns at steps 2 and 5; EMA decay 0.6; lr 1e-2
-    warmed up over 4 steps."""
+    warmed up over 4 steps; generator input time 0.7."""
     flags = ["--teacher", "oracle", "--batch-size", 32, "--hidden", 16, "--depth", 2, "--steps", 7, "--ttur", 3,
-             "--lr", 1e-2, "--grad-clip", 0, "--ema-decay", 0.6, "--warmup", 4]
-    return run_loop(SCRIPT, flags, ["net", "fake", "ema"], keys=("gen_turn",), tmp_path=tmp_path_factory.mktemp("sid_loop"))
+             "--lr", 1e-2, "--grad-clip", 0, "--ema-decay", 0.6, "--warmup", 4, "--gen-t", 0.7]
+    return run_loop(SCRIPT, flags, ["net", "fake", "ema"], keys=("gen_turn", "x0", "ema", "sample_fn"),
+                    tmp_path=tmp_path_factory.mktemp("sid_loop"))
 
 
 def test_fake_turn_first_then_the_generator_against_the_updated_fake(loop):
@@ -265,3 +285,17 @@ def test_fake_turn_first_then_the_generator_against_the_updated_fake(loop):
 
 def test_each_net_by_its_own_optimizer_and_the_ema(loop):
     assert_each_net_moves_in_its_own_step(loop, {"opt": {"net"}, "opt_fake": {"fake"}}, ema_rate=0.4)
+
+
+def test_generator_turn_draws_fresh_noise_and_the_sampler_uses_gen_t(loop):
+    # the generator's turn draws its own noise (official: a fresh z), not the fake turn's again: with the
+    # generator unchanged between the two turns, the same noise would give the same x0
+    back = [ev for ev in loop if ev["kind"] == "backward"]
+    for step in (2, 5):
+        fake_x0, gen_x0 = [ev["x0"].detach() for ev in back if ev["step"] == step]
+        assert fake_x0.shape == gen_x0.shape and not torch.allclose(fake_x0, gen_x0, atol=1e-3)
+    ema, sample_fn = loop[-1]["ema"], loop[-1]["sample_fn"]  # evaluation samples G(t_g e, t_g) of the EMA, t_g = 0.7
+    e, y = torch.randn(16, 2), torch.full((16,), 6)
+    t = torch.full((16,), 0.7)
+    with torch.no_grad():
+        assert torch.allclose(sample_fn(e, y, 1), 0.7 * e - 0.7 * ema(0.7 * e, t, t, y), atol=1e-6)
