@@ -47,6 +47,7 @@ METHODS = {
     "ayf": ("Align Your Flow", "flow-map distillation (Eulerian / Lagrangian)", "[Sabour et al. 2025](https://arxiv.org/abs/2506.14603)"),
     "freeflow": ("FreeFlow (a reconstruction)", "flow-map distillation without data", "[Tong et al. 2025](https://arxiv.org/abs/2511.19428)"),
     "dmd2": ("DMD2", "distribution matching (fake velocity net)", "[Yin et al. 2024](https://arxiv.org/abs/2405.14867)"),
+    "sid": ("Score identity Distillation", "distribution matching (fake velocity net, Fisher divergence)", "[Zhou et al. 2024](https://arxiv.org/abs/2404.04057)"),
     "fsf_dmd": ("FSF-DMD (a reconstruction)", "distribution matching, no fake net + consistency", "seed 003 (2026)"),
     "mfd": ("Mean Flow Distillation", "distribution matching along average velocities", "seed 004 (ICML 2026)"),
     "ect": ("Easy Consistency Tuning", "consistency training from a pretrained flow", "[Geng et al. 2025](https://arxiv.org/abs/2406.14548)"),
@@ -80,6 +81,7 @@ DISTILLED = (
     "dmf",
     "reflow",
     "vsd",
+    "sid",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -111,6 +113,7 @@ SEED002 = {
     "imm": None,
     "vsd": None,
     "drifting": None,
+    "sid": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

@@ -35,6 +35,7 @@ for v in "ratio0.25:--ratio 0.25" "ratio1:--ratio 1.0" "ratio0:--ratio 0.0" "rat
 done
 if want dmd2; then python methods/dmd2.py $NET --out-dir $OUT/dmd2; fi
 if want dmd2-gan; then python methods/dmd2.py $NET --gan-weight 3e-3 --out-dir $OUT/dmd2-gan; fi
+if want sid; then python methods/sid.py $NET --out-dir $OUT/sid; fi
 if want fsf_dmd; then python methods/fsf_dmd.py $NET --out-dir $OUT/fsf_dmd; fi
 MFD="--dataset mnist --batch-size 64 --steps ${MFD_STEPS:-20} --log-every 10 --eval-every 100000 --eval-samples 100 --eval-steps 1"
 if want mfd-step0.05; then python methods/mfd.py $MFD --ode-step 0.05 --out-dir $OUT/mfd-step0.05; fi

@@ -29,6 +29,10 @@ def estimate(method, a):
         gan_fake, gan_gen = (6, 3) if a["gan_weight"] > 0 else (0, 0)
         e = 4 + gan_fake + (4 + gan_gen) / a["ttur"]
         return e, f"4{' + 6 GAN' if gan_fake else ''} fake + ({4 + gan_gen}) generator per {a['ttur']} step(s) (Diff-Instruct: 1)"
+    if method == "sid":  # every step: G fwd (no grad) + fake fwd/bwd; generator turn: G fwd/bwd + teacher and fake fwd + bwd to x_t
+        g = 2 if a["teacher_cfg"] != 1 else 1
+        e = 4 + (3 + 3 * g + 3) / a["ttur"]
+        return e, f"4 every step + (G 3 + teacher {3 * g} + fake 3, both backward to their input) every {a['ttur']}th (not in Dieleman's table)"
     if method == "fsf_dmd":  # L_CD: teacher 1 + fwd/JVP 2 + fwd/bwd 3; L_FSF: M-1 no-grad jumps + 3 + teacher + EMA
         m = a["sim_steps"]
         return 6 + (m - 1) + 5, f"CD 6 (AYF-EMD in Dieleman's table: 6) + DM {m + 4}"
