@@ -411,7 +411,7 @@ def methods_table():
         s2 = SEED002.get(m)
         est = c[0] if c else default_estimate(m)  # not measured yet: the estimate at the file's defaults
         rows.append(f"| [{m}.py](methods/{m}.py) | {name} | {family} | {paper} | {'—' if s2 is None else s2} | "
-                    f"{est} | {c[4] if c else '—'} | {standard_fid1(m)} | [results/{m}](results/{m}/README.md) |")
+                    f"{est} | {c[4] if c else '—'} | {standard_fid1(m)} | [page](results/{m}/README.md) |")
     return "\n".join(rows)
 
 
