@@ -25,7 +25,7 @@ TINY = ["--steps", 4, "--batch-size", 32, "--log-every", 2, "--eval-every", 4, "
         "--hidden", 32, "--depth", 2]
 TINY_IMG = ["--hidden", 32, "--depth", 2, "--heads", 2, "--patch-size", 7, "--batch-size", 8, "--eval-samples", 100]
 # what a method needs to run in seconds (a method file may add its entry here)
-FAST = {"mfd": ["--ode-step", 0.5, "--aux-ratio", 1], "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2]}
+FAST = {"mfd": ["--ode-step", 0.5, "--aux-ratio", 1], "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2], "rcm": ["--tangent-warmup", 0, "--ttur", 2]}
 
 
 def script(m):
