@@ -6,6 +6,7 @@ time laws p_G, p_D by quantiles; the schedule (sCM alone in the warm-up, then fa
 ttur-th), teacher frozen, fake net trained and distinct; the sampler's times from t = 80/81 and its exactness on
 the oracle; bad flags. Resume, DDP, bf16 and the generic loop checks: tests/test_methods.py, tests/test_loop.py."""
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -89,6 +90,17 @@ def test_consistency_term_is_the_official_trigflow_loss_and_ayf_emd_at_s0(r):
         assert g_ayf.norm(dim=1).min() > 1e-3 and (g - g_ayf).norm() / g_ayf.norm() < 1e-12
         conv = -((1 - t) * rcm.rho(t))[:, None] * g_ayf
         assert (conv - g_trig).norm() / g_trig.norm() < 1e-12, ((conv - g_trig).norm() / g_trig.norm()).item()
+
+
+def test_jvp_and_grad_forward_share_dropout_masks():
+    draws = []
+
+    def net(x_t, t, s, y):
+        draws.append(torch.rand(()).item())  # stands for the dropout masks of a forward
+        return teacher_v(x_t, t, y) * (1 + t)[:, None]
+
+    rcm.cm_loss(net, teacher_v, *batch(16), 1.0, rcm.Args())
+    assert len(draws) == 2 and draws[0] == draws[1], draws
 
 
 def exact_at(x_t, t, steps=60):
@@ -282,7 +294,7 @@ def loop(tmp_path_factory):
         events = run_loop(SCRIPT, flags, ["net", "fake", "ema", "teacher_net"], keys=("r", "gen_turn", "dmd"), tmp_path=d)
     finally:
         handle.remove()
-    return events, forwards, start
+    return events, forwards, start, d / "rcm" / "gmm"
 
 
 def rollouts(forwards, step):
@@ -299,7 +311,7 @@ def rollouts(forwards, step):
 
 
 def test_schedule_warmup_then_fake_every_step_student_every_ttur(loop):
-    events, forwards, _ = loop
+    events, forwards = loop[:2]
     posts = [(ev["opt"], ev["step"]) for ev in events if ev["kind"] == "post"]
     want = [("opt", 0), ("opt", 1), ("opt", 2)] + [x for k in range(3, 11) for x in [("opt_fake", k)] + ([("opt", k)] if (k - 2) % 2 == 0 else [])]
     assert posts == want, posts
@@ -312,7 +324,7 @@ def test_schedule_warmup_then_fake_every_step_student_every_ttur(loop):
 
 
 def test_rollout_step_count_cycles_and_only_the_last_student_jump_has_grad(loop):
-    _, forwards, _ = loop
+    forwards = loop[1]
     gen, fake = [], []
     for k in range(3, 11):
         rs = rollouts(forwards, k)
@@ -330,7 +342,7 @@ def test_rollout_step_count_cycles_and_only_the_last_student_jump_has_grad(loop)
 
 
 def test_teacher_frozen_fake_trained_and_distinct(loop):
-    events, forwards, start = loop
+    events, forwards, start = loop[:3]
     events = [ev for ev in events if ev["kind"] != "batch"]
     last = events[-1]["w"]
     assert torch.equal(last["teacher_net"], events[0]["w"]["teacher_net"])  # the teacher's weights never move
@@ -342,6 +354,13 @@ def test_teacher_frozen_fake_trained_and_distinct(loop):
     fakes = [f for f in forwards if f["who"] == "fake" and f["step"] == 4]
     # student turn 4: the DMD term calls teacher and fake (no grad) at s = t; the fake update calls fake with grad
     assert teach and [f["grad"] for f in fakes] == [False, True] and all(f["t"] == f["s"] for f in fakes)
+
+
+def test_student_loss_is_100_to_1(loop):
+    # the last step (10) is a student turn: the logged loss is cm_weight 100 x the sCM term + 1 x the DMD term
+    row = [json.loads(r) for r in (loop[3] / "metrics.jsonl").read_text().splitlines() if '"loss"' in r][-1]
+    assert row["step"] == 11 and row["cm_loss"] > 0 and row["dm_loss"] > 0 and row["fake_loss"] > 0
+    assert row["loss"] == pytest.approx(100 * row["cm_loss"] + row["dm_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- sampler
