@@ -58,6 +58,7 @@ METHODS = {
     "lsd": ("Lagrangian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "esd": ("Eulerian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "psd": ("Progressive Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
+    "rcm": ("rCM", "continuous-time consistency (sCM) + distribution matching", "[Zheng et al. 2026](https://arxiv.org/abs/2510.08431)"),
 }
 DISTILLED = (
     "dmd2",
@@ -73,6 +74,7 @@ DISTILLED = (
     "ctm",
     "pid",
     "dmf",
+    "rcm",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -99,6 +101,7 @@ SEED002 = {
     "lsd": 10,
     "esd": 10,
     "psd": 8,
+    "rcm": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

@@ -59,3 +59,4 @@ if want dmf; then python methods/dmf.py $NET --out-dir $OUT/dmf; fi
 if want lsd; then python methods/lsd.py $NET --out-dir $OUT/lsd; fi
 if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi
 if want psd; then python methods/psd.py $NET --out-dir $OUT/psd; fi
+if want rcm; then python methods/rcm.py $NET --tangent-warmup 0 --out-dir $OUT/rcm; fi
