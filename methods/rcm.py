@@ -418,7 +418,7 @@ if __name__ == "__main__":
         if gen_turn:
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             t_g = mean_terms(gen_terms)
-            gen_log.v[:8].copy_(torch.stack([*(t_g[k].float() for k in LOGGED[:6]), torch.tensor(r, device=device), gnorm.float()]))
+            gen_log.v[:8].copy_(torch.stack([*(t_g[k].float() for k in LOGGED[:6]), torch.full((), r, device=device), gnorm.float()]))
         if dmd:
             fnorm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             gen_log.v[8:].copy_(torch.stack([mean_terms(terms)["fake_loss"].float(), fnorm.float()]))
