@@ -64,6 +64,7 @@ METHODS = {
     "imm": ("Inductive Moment Matching (a reconstruction)", "moment matching (flow map, [recon])", "[Zhou et al. 2025](https://arxiv.org/abs/2503.07565)"),
     "vsd": ("Diff-Instruct / VSD", "distribution matching (fake velocity net, unnormalized)", "[Luo et al. 2023](https://arxiv.org/abs/2305.18455)"),
     "drifting": ("Drifting", "drifting field (one-step, from data)", "[Deng et al. 2026](https://arxiv.org/abs/2602.04770)"),
+    "rcm": ("rCM", "continuous-time consistency (sCM) + distribution matching", "[Zheng et al. 2026](https://arxiv.org/abs/2510.08431)"),
 }
 DISTILLED = (
     "dmd2",
@@ -82,6 +83,7 @@ DISTILLED = (
     "reflow",
     "vsd",
     "sid",
+    "rcm",
 )  # everything else trains from data
 # seed 002 (Dieleman, "Learning the integral of a diffusion model"): its FPE per training iteration; None: not in its table
 SEED002 = {
@@ -114,6 +116,7 @@ SEED002 = {
     "vsd": None,
     "drifting": None,
     "sid": None,
+    "rcm": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

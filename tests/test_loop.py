@@ -20,8 +20,13 @@ TINY = ["--batch-size", 16, "--hidden", 16, "--depth", 2, "--log-every", 1, "--c
         "--eval-samples", 100, "--eval-steps", 1, "--lr", 1e-3]
 # what a file needs to run in a second, to train every net (dmd2: the GAN's discriminator) and to
 # keep an EMA apart from the net (dmd2 saves the raw generator unless --eval-ema)
-EXTRA = {"mfd": ["--ode-step", 0.5], "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2],
-         "dmd2": ["--eval-ema", "--gan-weight", 3e-3], "vsd": ["--gan-weight", 3e-3]}
+EXTRA = {
+    "mfd": ["--ode-step", 0.5],
+    "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2],
+    "dmd2": ["--eval-ema", "--gan-weight", 3e-3],
+    "vsd": ["--gan-weight", 3e-3],
+    "rcm": ["--tangent-warmup", 0],
+}
 # every EMA a checkpoint may hold (all track `net`): the flag of its decay and the decay used here
 # (distinct values: EMAs given each other's decay are caught)
 EMAS = {"ema": ("--ema-decay", 0.75), "ema_target": ("--ema-target-decay", 0.5), "ema_fake": ("--fake-ema-decay", 0.6)}

@@ -25,7 +25,11 @@ TINY = ["--steps", 4, "--batch-size", 32, "--log-every", 2, "--eval-every", 4, "
         "--hidden", 32, "--depth", 2]
 TINY_IMG = ["--hidden", 32, "--depth", 2, "--heads", 2, "--patch-size", 7, "--batch-size", 8, "--eval-samples", 100]
 # what a method needs to run in seconds (a method file may add its entry here)
-FAST = {"mfd": ["--ode-step", 0.5, "--aux-ratio", 1], "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2]}
+FAST = {
+    "mfd": ["--ode-step", 0.5, "--aux-ratio", 1],
+    "shortcut": ["--denoise-timesteps", 4, "--bootstrap-every", 2],
+    "rcm": ["--tangent-warmup", 0, "--ttur", 2],
+}
 
 
 def script(m):
@@ -78,7 +82,10 @@ def logged(run):
 
 # what makes every network of a file train within the 2 steps of the runs below (dmd2: the generator
 # only steps every --ttur steps, the discriminator only with the GAN on)
-TRAIN_ALL = {"dmd2": ["--ttur", 2, "--gan-weight", 3e-3, "--backsim-steps", 2], "vsd": ["--gan-weight", 3e-3, "--backsim-steps", 2]}
+TRAIN_ALL = {
+    "dmd2": ["--ttur", 2, "--gan-weight", 3e-3, "--backsim-steps", 2],
+    "vsd": ["--gan-weight", 3e-3, "--backsim-steps", 2],
+}
 
 
 def ddp_flags(method, tiny_teacher, fid_ref):

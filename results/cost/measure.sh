@@ -65,3 +65,4 @@ if want reflow; then python methods/reflow.py $NET --out-dir $OUT/reflow; fi
 if want imm; then python methods/imm.py $NET --out-dir $OUT/imm; fi
 if want vsd; then python methods/vsd.py $NET --out-dir $OUT/vsd; fi
 if want drifting; then python methods/drifting.py $NET --out-dir $OUT/drifting; fi
+if want rcm; then python methods/rcm.py $NET --tangent-warmup 0 --out-dir $OUT/rcm; fi

@@ -136,6 +136,17 @@ def estimate(method, a):
         # samples fwd + bwd 3, each ~0.09 of the reference DiT's forward (FLOPs); the field itself (distances, softmaxes) not counted
         enc = a["dataset"] == "mnist" and a.get("features", "classifier") == "classifier"
         return 3 + (4 * 0.09 if enc else 0), "fwd/bwd 3" + (" + 4 classifier passes x 0.09 FLOPs of the DiT" if enc else "") + " (not in Dieleman's table)"
+    if method == "rcm":  # warm-up: sCM alone (teacher + no-grad JVP 2 + 3); then every step: fake rollout E[n] no-grad fwds +
+        # fake fwd/bwd 3; every ttur-th also the student: sCM 5 + tg, DMD rollout E[n] - 1 fwds + last jump 3 + teacher + fake fwd 1
+        tg = 2 if a["teacher_cfg"] != 1 else 1
+        n = (a["backsim_steps"] + 1) / 2  # E[k mod K + 1]
+        cm, dm = (5 + tg if a["cm_weight"] > 0 else 0), (n + 3 + tg if a["dm_weight"] > 0 else 0)
+        if a["dm_weight"] == 0:
+            return 5 + tg, f"sCM alone: teacher {tg} + no-grad JVP 2 + 3 (AYF-EMD in Dieleman's table: 6)"
+        w = min(a["tangent_warmup"], a["steps"]) / a["steps"]  # the warm-up's share of the run
+        after = n + 3 + (cm + dm) / a["ttur"]
+        return w * (5 + tg) + (1 - w) * after, (f"warm-up sCM {5 + tg} x {w:.2g}; then fake {n + 3:g} every step + student "
+                                                 f"(sCM {cm} + DMD {dm:g}) every {a['ttur']}th = {after:.3g} (not in Dieleman's table)")
     return None, "—"
 
 
