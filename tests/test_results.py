@@ -57,7 +57,7 @@ def test_check_names_a_stale_page_and_regenerating_fixes_it(repo, monkeypatch):
     assert "| 29.7 |" in page.read_text()
     board = (repo / "results" / "leaderboard.md").read_text()
     assert "| 12.5 | 11 | 10 |" in board
-    assert "| 12.5 | [results/meanflow]" in (repo / "README.md").read_text()
+    assert "| 12.5 | [page](results/meanflow/README.md) |" in (repo / "README.md").read_text()
     for m in ("meanflow", "imf"):  # the curves are checked for existence only: draw placeholders
         for d in ("gmm", "mnist"):
             (repo / "results" / m / f"curves_{d}.png").write_bytes(b"")
