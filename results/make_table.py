@@ -58,6 +58,7 @@ METHODS = {
     "lsd": ("Lagrangian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "esd": ("Eulerian Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
     "psd": ("Progressive Self-Distillation", "self-distillation", "[Boffi et al. 2025](https://arxiv.org/abs/2505.18825)"),
+    "twinflow": ("TwinFlow", "self-adversarial flow (one net, no teacher)", "[Cheng et al. 2026](https://arxiv.org/abs/2512.05150)"),
 }
 DISTILLED = (
     "dmd2",
@@ -99,6 +100,7 @@ SEED002 = {
     "lsd": 10,
     "esd": 10,
     "psd": 8,
+    "twinflow": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

@@ -59,3 +59,4 @@ if want dmf; then python methods/dmf.py $NET --out-dir $OUT/dmf; fi
 if want lsd; then python methods/lsd.py $NET --out-dir $OUT/lsd; fi
 if want esd; then python methods/esd.py $NET --out-dir $OUT/esd; fi
 if want psd; then python methods/psd.py $NET --out-dir $OUT/psd; fi
+if want twinflow; then python methods/twinflow.py $NET --out-dir $OUT/twinflow; fi

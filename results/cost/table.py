@@ -109,6 +109,13 @@ def estimate(method, a):
         n = mb(a)
         p = min(n, max(1, int(n * a["diag_frac"]))) / n
         return 3 * p + 9 * (1 - p), f"FM 3 x {p:g} + (JVP 2 + bwd 4 + v 1 + spatial JVP 2) x {1 - p:g} (Dieleman: 10, every term on every row)"
+    if method == "twinflow":  # adv rows' one-step fwd + fwd/bwd 3 + guidance 2 (0 < t < 1 rows) + RCGM N fwds (non-adv) + dm pair 2 (e2e)
+        n, w = mb(a), [sum(a["parts"][:i + 1]) / sum(a["parts"]) for i in range(4)]
+        f = [b - c for b, c in zip([round(n * x) / n for x in w], [0] + [round(n * x) / n for x in w[:3]])]  # e2e, mul, any, adv
+        g = 2 * (f[1] + f[2]) if cond(a) and a["cfg_ratio"] > 0 else 0
+        dm = 2 * f[0] if a["dm_weight"] > 0 else 0
+        e = f[3] + 3 + g + a["rcgm_steps"] * (1 - f[3]) + dm
+        return e, f"adv gen {f[3]:g} + 3 + RCGM {a['rcgm_steps']} x {1 - f[3]:g}" + (f" + guidance {g:g}" if g else "") + f" + dm pair {dm:g} (not in Dieleman's table)"
     return None, "—"
 
 
