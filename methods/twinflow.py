@@ -197,12 +197,17 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------- ALGO LOGIC
+def part_bounds(n, parts):
+    """Row boundaries [0, b1, b2, b3, n] of the consecutive e2e / mul / any / adv parts: rounded cumulative sizes,
+    on the host (slices, not masks: no host-device sync)."""
+    return [0] + [round(n * sum(parts[: i + 1]) / sum(parts)) for i in range(4)]
+
+
 def sample_times(n, args, device):
     """(t, s, part): part 0 e2e (t = 1, s = 0), 1 mul (s = t - mul_gap U t), 2 any (s = t - U t), 3 adv
     (t = s = -U), t, U ~ U(0, 1); parts are consecutive rows, sized by args.parts."""
-    w = torch.tensor(args.parts, dtype=torch.float64).cumsum(0)
-    bounds = torch.round(n * w / w[-1]).long().to(device)
-    part = torch.bucketize(torch.arange(n, device=device), bounds, right=True)
+    rows = torch.arange(n, device=device)
+    part = sum((rows >= b).long() for b in part_bounds(n, args.parts)[1:4])
     t, a, b = torch.rand(3, n, device=device)
     s = torch.where(part == 1, t - args.mul_gap * b * t, t - a * t)
     t, s = torch.where(part == 0, 1.0, t), torch.where(part == 0, 0.0, s)
@@ -234,14 +239,11 @@ def dm_direction(net, x_fake, y, args):
 def guided_target(target_net, x_t, t, y, target, null, args):
     """target + cfg_ratio (v_c - v_u), v_c, v_u from the target net at (t, t), on rows 0 < t < 1 (the official
     enhanced_range, open: not the e2e rows at t = 1, not the adv rows at t < 0)."""
-    rows = (t > 0) & (t < 1)
-    if null == 0 or args.cfg_ratio == 0 or not rows.any():
+    if null == 0 or args.cfg_ratio == 0 or len(t) == 0:
         return target
-    xr, tr, yr = x_t[rows], t[rows], y[rows]
-    v_c, v_u = target_net(torch.cat([xr, xr]), torch.cat([tr, tr]), torch.cat([tr, tr]), torch.cat([yr, torch.full_like(yr, null)])).chunk(2)
-    target = target.clone()
-    target[rows] = target[rows] + args.cfg_ratio * (v_c - v_u)
-    return target
+    v_c, v_u = target_net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
+    inside = ((t > 0) & (t < 1)).view(-1, *[1] * (x_t.dim() - 1))
+    return torch.where(inside, target + args.cfg_ratio * (v_c - v_u), target)
 
 
 @torch.no_grad()
@@ -266,32 +268,32 @@ def twinflow_loss(net, target_net, x, y, args, null):
     """TwinFlow's loss on one micro-batch (base loss on every row + dm_weight x L_rectify on the e2e rows).
     Returns (loss, terms)."""
     n, view = len(x), lambda a: a.view(-1, *[1] * (x.dim() - 1))
+    _, b1, b2, b3, _ = part_bounds(n, args.parts)  # rows [0, b1) e2e, [b1, b2) mul, [b2, b3) any, [b3, n) adv
     t, s, part = sample_times(n, args, x.device)
-    adv, e2e = part == 3, part == 0
-    if adv.any():  # the fake flow's data: the current one-step samples (no grad)
+    if b3 < n:  # the fake flow's data: the current one-step samples (no grad)
         with torch.no_grad():
-            e1 = torch.randn_like(x[adv])
+            e1 = torch.randn_like(x[b3:])
             one = torch.ones(len(e1), device=x.device)
-            x = torch.cat([x[~adv], e1 - net(e1, one, 0 * one, y[adv]).to(x.dtype)])  # adv rows are the last ones
+            x = torch.cat([x[:b3], e1 - net(e1, one, 0 * one, y[b3:]).to(x.dtype)])
     e = torch.randn_like(x)
     x_t = (1 - view(t.abs())) * x + view(t.abs()) * e
     u = net(x_t, t, s, y)
-    target = guided_target(target_net, x_t, t, y, e - x, null, args)
-    keep = ~adv
-    if keep.any():
-        target = target.clone()
-        target[keep] = rcgm_target(target_net, u[keep], target[keep], x_t[keep], t[keep], s[keep], y[keep], args)
+    target = e - x
+    if b3 > 0:  # the non-adv rows: guidance (mul and any rows), then RCGM
+        g = guided_target(target_net, x_t[b1:b3], t[b1:b3], y[b1:b3], target[b1:b3], null, args)
+        target = torch.cat([target[:b1], g, target[b3:]])
+        target = torch.cat([rcgm_target(target_net, u[:b3], target[:b3], x_t[:b3], t[:b3], s[:b3], y[:b3], args), target[b3:]])
     base = (row_loss(u, target.detach(), args) * row_weight(t, s, part, args)).mean()
     loss, dm, f_rms = base, base.new_zeros(()), base.new_zeros(())
-    if e2e.any() and args.dm_weight > 0:
-        x_fake = (x_t - view(t) * u)[e2e].detach()  # e - u(e, 1, 0): the one-step samples
-        F_grad = dm_direction(net, x_fake, y[e2e], args)
-        dm = row_loss(u[e2e], (u[e2e] - F_grad).detach(), args).mean()
+    if b1 > 0 and args.dm_weight > 0:
+        x_fake = (x_t - view(t) * u)[:b1].detach()  # e - u(e, 1, 0): the one-step samples
+        F_grad = dm_direction(net, x_fake, y[:b1], args)
+        dm = row_loss(u[:b1], (u[:b1] - F_grad).detach(), args).mean()
         loss, f_rms = base + args.dm_weight * dm, F_grad.pow(2).mean().sqrt()
     mse = ((u - target) ** 2).flatten(1).mean(1).detach()
     zero = base.new_zeros(())
     return loss, {"loss": loss.detach(), "base": base.detach(), "dm": dm.detach(), "f_grad_rms": f_rms,
-                  "mse": mse[keep].mean() if keep.any() else zero, "mse_adv": mse[adv].mean() if adv.any() else zero}
+                  "mse": mse[:b3].mean() if b3 > 0 else zero, "mse_adv": mse[b3:].mean() if b3 < n else zero}
 
 
 @torch.no_grad()

@@ -71,6 +71,13 @@ def test_rectify_gradient_is_minus_2_clamped_f_grad_over_numel(loss):
         expect = expect / torch.sqrt(F.pow(2).mean(1, keepdim=True) + a.barron_c**2)
     err = ((g_all - g_base - expect).abs().max() / expect.abs().max()).item()
     assert err < 1e-14, err  # measured 3.6e-16 (l2), 2.3e-16 (barron), relative to max |expect|: float64 rounding
+    # the e2e rows' own base loss regresses u(e, 1, 0) on RCGM's target (from e - x), weight 1
+    e, t_main, s_main, _ = calls[0]
+    assert (t_main == 1).all() and (s_main == 0).all()
+    u = e - gen0
+    tgt = tw.rcgm_target(twin(TOY, q), u, e - x, e, t_main, s_main, y, a)
+    d_row = (2 * (u - tgt) / u.numel()) if loss == "l2" else 2 * (u - tgt) / u.numel() / ((u - tgt).pow(2).mean(1, keepdim=True) + a.barron_c**2).sqrt()
+    assert (g_base + d_row).abs().max() < 1e-12 * d_row.abs().max()
 
 
 def test_dm_pair_time_law_and_inputs():
