@@ -15,6 +15,10 @@ remaining blocks and the output layer ("decoder") that of (s, h = 0, y, c), with
 at s = t the network is the flow model it was copied from (a DMF fine-tune starts from an fm
 checkpoint). 0 (default) is off; like the TVM options it adds no parameter and enters the config only
 when on.
+TwinFlow (Cheng et al. 2026, github.com/inclusionAI/TwinFlow, tutorials/mnist/networks.py): `linear_t=True` embeds t
+by Linear(1, hidden) -> SiLU -> Linear (the official MNIST net's time embedder) in place of the sinusoid: TwinFlow
+evaluates the net at negative times, and the sinusoid's cos half is even in t (only its sine half tells t from -t).
+The h = t - s embedder keeps its sinusoid. Default off; when off the config and the parameters are as before.
 Public teachers converted by `python -m common.convert` (DiT, SiT, REPA-SiT) use the same way:
 `stored_pos=True` keeps the checkpoint's position embedding (a persistent buffer) and `param`
 maps our (x_t, t) to the original's input and its output to our velocity e - x: "v" (ours, REPA),
@@ -86,23 +90,26 @@ def timestep_embedding(t, dim, max_period=10000.0, dtype=torch.float32):
 
 
 class ScalarEmbedder(nn.Module):
-    """Embeds a [B] scalar (t, h or an extra condition) into a [B, hidden] vector."""
+    """Embeds a [B] scalar (t, h or an extra condition) into a [B, hidden] vector; `linear`: the raw scalar
+    goes into the MLP (Linear(1, hidden) first, PyTorch's default init U(-1, 1)) in place of its sinusoid."""
 
-    def __init__(self, hidden, freq_dim=256):
+    def __init__(self, hidden, freq_dim=256, linear=False):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.freq_dim, self.linear = freq_dim, linear
+        self.mlp = nn.Sequential(nn.Linear(1 if linear else freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
+        if self.linear:
+            return self.mlp(t.to(out_dtype(self))[:, None].to(self.mlp[0].weight.dtype))
         return self.mlp(timestep_embedding(t, self.freq_dim, dtype=out_dtype(self)).to(self.mlp[0].weight.dtype))
 
 
 class Conditioning(nn.Module):
     """Sum of the t, h = t - s, class and extra-condition embeddings (shared by DiT and MLP)."""
 
-    def __init__(self, hidden, num_classes, n_cond):
+    def __init__(self, hidden, num_classes, n_cond, linear_t=False):
         super().__init__()
-        self.t_embed, self.h_embed = ScalarEmbedder(hidden), ScalarEmbedder(hidden)
+        self.t_embed, self.h_embed = ScalarEmbedder(hidden, linear=linear_t), ScalarEmbedder(hidden)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # last id = null class
         self.c_embed = nn.ModuleList(ScalarEmbedder(hidden) for _ in range(n_cond))
 
@@ -212,7 +219,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=28, patch_size=4, in_channels=1, hidden=128, depth=4, heads=4, mlp_ratio=4.0,
                  num_classes=10, n_cond=0, qk_norm=False, dropout=0.0, v_head=False, norm="layer", modnorm=False, param="v", stored_pos=False,
-                 decouple=0):
+                 decouple=0, linear_t=False):
         super().__init__()
         if input_size % patch_size or hidden % heads or (hidden // heads) % 2 or hidden % 4:
             raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size}, "
@@ -228,12 +235,13 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: param {param!r} must be v, v_flip or eps_ddpm (and v without v_head)")
         self.config.update({"param": param} if param != "v" else {}, **({"stored_pos": True} if stored_pos else {}))
         self.config.update({"decouple": decouple} if decouple else {})  # DMF's encoder/decoder split
+        self.config.update({"linear_t": True} if linear_t else {})  # TwinFlow's linear time embedding
         self.param, self.decouple = param, decouple
         self.modnorm = modnorm
         self.p, self.c, self.grid = patch_size, in_channels, input_size // patch_size
         self.patch = nn.Conv2d(in_channels, hidden, patch_size, patch_size)
         self.register_buffer("pos", pos_embed_2d(hidden, self.grid)[None], persistent=stored_pos)
-        self.cond = Conditioning(hidden, num_classes, n_cond)
+        self.cond = Conditioning(hidden, num_classes, n_cond, linear_t)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, qk_norm, dropout, norm, modnorm) for _ in range(depth))
         self.norm = norm_layer(hidden, norm)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
@@ -246,6 +254,8 @@ class DiT(nn.Module):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         nn.init.normal_(self.cond.y_embed.weight, std=0.02)
+        if linear_t:  # a scalar input: std 0.02 would leave the embedding nearly constant in t
+            self.cond.t_embed.mlp[0].reset_parameters()
         for m in [*(b.ada[-1] for b in self.blocks), self.ada[-1], self.out]:  # adaLN-zero
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -291,15 +301,16 @@ class DiT(nn.Module):
 class MLP(nn.Module):
     """Residual MLP for vector data, same call signature and conditioning as the DiT."""
 
-    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0, v_head=False, decouple=0):
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, n_cond=0, dropout=0.0, v_head=False, decouple=0, linear_t=False):
         super().__init__()
         if not 0 <= decouple <= depth:
             raise ValueError(f"MLP: decouple {decouple} must be in [0, depth {depth}]")
         self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, n_cond=n_cond,
-                           dropout=dropout, **({"v_head": True} if v_head else {}), **({"decouple": decouple} if decouple else {}))
+                           dropout=dropout, **({"v_head": True} if v_head else {}), **({"decouple": decouple} if decouple else {}),
+                           **({"linear_t": True} if linear_t else {}))
         self.decouple = decouple  # as in the DiT: blocks[:decouple] see t, the rest s
         self.inp = nn.Linear(dim, hidden)
-        self.cond = Conditioning(hidden, num_classes, n_cond)
+        self.cond = Conditioning(hidden, num_classes, n_cond, linear_t)
         self.blocks = nn.ModuleList(
             nn.Sequential(LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout),
                           nn.Linear(hidden, hidden)) for _ in range(depth))

@@ -65,6 +65,7 @@ METHODS = {
     "vsd": ("Diff-Instruct / VSD", "distribution matching (fake velocity net, unnormalized)", "[Luo et al. 2023](https://arxiv.org/abs/2305.18455)"),
     "drifting": ("Drifting", "drifting field (one-step, from data)", "[Deng et al. 2026](https://arxiv.org/abs/2602.04770)"),
     "rcm": ("rCM", "continuous-time consistency (sCM) + distribution matching", "[Zheng et al. 2026](https://arxiv.org/abs/2510.08431)"),
+    "twinflow": ("TwinFlow", "self-adversarial flow (one net, no teacher)", "[Cheng et al. 2026](https://arxiv.org/abs/2512.05150)"),
 }
 DISTILLED = (
     "dmd2",
@@ -117,6 +118,7 @@ SEED002 = {
     "drifting": None,
     "sid": None,
     "rcm": None,
+    "twinflow": None,
 }
 # the run of results/cost/measure.sh that is the file at its defaults (alpha-Flow: its costliest phase, a = 0)
 COST_RUN = {"meanflow": "meanflow-ratio0.25", "alphaflow": "alphaflow-a0", "mfd": "mfd-step0.05"}

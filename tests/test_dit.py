@@ -217,3 +217,60 @@ def test_layer_norm_tangent_has_the_right_gradient_and_plain_calls_are_torchs_ke
     with fwAD.dual_level():  # dual input: the same values and tangent as torch's rule
         a, b = fwAD.unpack_dual(ln(fwAD.make_dual(x.detach(), tx))), fwAD.unpack_dual(ref(fwAD.make_dual(x.detach(), tx)))
     torch.testing.assert_close(a.primal, b.primal), torch.testing.assert_close(a.tangent, b.tangent)
+
+
+# ---------------------------------------------------------------- the linear time embedding (TwinFlow)
+def test_sinusoid_cos_half_cannot_tell_t_from_minus_t():
+    # the sinusoid's cos half is even in t: an embedder reading only it (sine-half weights zero) maps t and -t to
+    # the same vector; only the sine half is odd
+    from common.dit import ScalarEmbedder, timestep_embedding
+
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    a, b = timestep_embedding(t, 256, dtype=torch.float64), timestep_embedding(-t, 256, dtype=torch.float64)
+    assert torch.equal(a[:, :128], b[:, :128]) and torch.equal(a[:, 128:], -b[:, 128:]) and a[:, 128:].abs().min() > 0
+    emb = ScalarEmbedder(16).double()
+    with torch.no_grad():
+        emb.mlp[0].weight[:, 128:] = 0
+    assert torch.equal(emb(t), emb(-t))
+
+
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_linear_t_tells_t_from_minus_t(kind):
+    make = (lambda **kw: tiny_dit(**kw)) if kind == "dit" else (lambda **kw: MLP(dim=3, hidden=16, depth=2, num_classes=4, **kw))
+    net = make(linear_t=True)
+    assert net.config["linear_t"] is True and build(net.config).config == net.config
+    assert net.cond.t_embed.mlp[0].in_features == 1 and net.cond.h_embed.mlp[0].in_features == 256  # h keeps its sinusoid
+    t = torch.tensor([0.05, 0.3, 0.8])
+    first = lambda z: net.cond.t_embed.mlp[0](z[:, None])  # the first layer's pre-activations: every channel odd-affine in t
+    assert ((first(t) - first(-t)).abs() > 1e-4).float().mean() > 0.95  # the sinusoid: half the inputs equal
+    w = net.cond.t_embed.mlp[0].weight.abs()
+    assert 0.3 < w.mean() < 0.7  # PyTorch's default U(-1, 1) init, not the sinusoid's std 0.02 (a flat embedding)
+    net = randomize(net).eval()
+    x = torch.randn((3, 3, 8, 8) if kind == "dit" else (3, 3))
+    y = torch.tensor([0, 1, 2])
+    assert (net(x, t, t, y) - net(x, -t, -t, y)).abs().max() > 1e-3
+    g = torch.func.jacrev(lambda t_: net(x, t_, t_, y).sum())(t)  # d/dt through Linear(1, hidden)
+    assert g.abs().min() > 0
+
+
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_old_checkpoints_load_without_linear_t(kind, tmp_path):
+    # off (default): no config key, the same parameters; a checkpoint written without the option loads unchanged
+    make = (lambda **kw: tiny_dit(**kw)) if kind == "dit" else (lambda **kw: MLP(dim=3, hidden=16, depth=2, num_classes=4, **kw))
+    torch.manual_seed(0)
+    old = randomize(make()).eval()
+    torch.manual_seed(0)
+    off = make(linear_t=False)
+    assert "linear_t" not in old.config and off.config == old.config
+    assert {k: v.shape for k, v in off.state_dict().items()} == {k: v.shape for k, v in old.state_dict().items()}
+    path = str(tmp_path / "old.safetensors")
+    save(old, path)
+    back = load(path).eval()
+    off.load_state_dict(old.state_dict())  # strict
+    x = torch.randn((2, 3, 8, 8) if kind == "dit" else (2, 3))
+    args = (x, torch.rand(2), torch.rand(2) * 0.1, torch.tensor([1, 2]))
+    assert "linear_t" not in back.config and torch.equal(back(*args), old(*args)) and torch.equal(off.eval()(*args), old(*args))
+    new = make(linear_t=True)
+    assert new.state_dict().keys() == old.state_dict().keys()  # the same names; only t_embed.mlp.0 is [hidden, 1]
+    save(randomize(new), path)
+    assert load(path).config["linear_t"] is True

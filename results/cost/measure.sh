@@ -66,3 +66,4 @@ if want imm; then python methods/imm.py $NET --out-dir $OUT/imm; fi
 if want vsd; then python methods/vsd.py $NET --out-dir $OUT/vsd; fi
 if want drifting; then python methods/drifting.py $NET --out-dir $OUT/drifting; fi
 if want rcm; then python methods/rcm.py $NET --tangent-warmup 0 --out-dir $OUT/rcm; fi
+if want twinflow; then python methods/twinflow.py $NET --out-dir $OUT/twinflow; fi

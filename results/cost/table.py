@@ -147,6 +147,13 @@ def estimate(method, a):
         after = n + 3 + (cm + dm) / a["ttur"]
         return w * (5 + tg) + (1 - w) * after, (f"warm-up sCM {5 + tg} x {w:.2g}; then fake {n + 3:g} every step + student "
                                                  f"(sCM {cm} + DMD {dm:g}) every {a['ttur']}th = {after:.3g} (not in Dieleman's table)")
+    if method == "twinflow":  # adv rows' one-step fwd + fwd/bwd 3 + guidance 2 (0 < t < 1 rows) + RCGM N fwds (non-adv) + dm pair 2 (e2e)
+        n, w = mb(a), [sum(a["parts"][:i + 1]) / sum(a["parts"]) for i in range(4)]
+        f = [b - c for b, c in zip([round(n * x) / n for x in w], [0] + [round(n * x) / n for x in w[:3]])]  # e2e, mul, any, adv
+        g = 2 * (f[1] + f[2]) if cond(a) and a["cfg_ratio"] > 0 else 0
+        dm = 2 * f[0] if a["dm_weight"] > 0 else 0
+        e = f[3] + 3 + g + a["rcgm_steps"] * (1 - f[3]) + dm
+        return e, f"adv gen {f[3]:g} + 3 + RCGM {a['rcgm_steps']} x {1 - f[3]:g}" + (f" + guidance {g:g}" if g else "") + f" + dm pair {dm:g} (not in Dieleman's table)"
     return None, "—"
 
 
