@@ -203,7 +203,7 @@ def check_args(args):
 def sample_ts(n, args, device):
     """(t, s) for 2n rows: rows 0..n-1 the FM term, t = s ~ LN(time_mu_fm, time_sigma); rows n..2n-1 the
     MeanFlow term, t = max, s = min of LN(time_mu_t, time_sigma) and LN(time_mu_s, time_sigma)."""
-    mu = torch.tensor([args.time_mu_fm, args.time_mu_t, args.time_mu_s], device=device)[:, None]
+    mu = torch.stack([torch.full((1,), m, device=device) for m in (args.time_mu_fm, args.time_mu_t, args.time_mu_s)])  # no copy
     fm, a, b = torch.sigmoid(mu + args.time_sigma * torch.randn(3, n, device=device))
     return torch.cat([fm, torch.maximum(a, b)]), torch.cat([fm, torch.minimum(a, b)])
 

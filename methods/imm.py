@@ -201,7 +201,7 @@ def check_args(args):
 # ---------------------------------------------------------------- ALGO LOGIC
 def truncated_normal(n, mu, sigma, lo, hi, device):
     """N(mu, sigma^2) truncated to [lo, hi] (per row) by the inverse CDF, in float64."""
-    cdf = lambda z: torch.special.ndtr((torch.as_tensor(z, dtype=torch.float64, device=device) - mu) / sigma)  # noqa: E731
+    cdf = lambda z: torch.special.ndtr(((z if torch.is_tensor(z) else torch.full((), z, dtype=torch.float64, device=device)) - mu) / sigma)  # noqa: E731
     a, b = cdf(lo), cdf(hi)
     return mu + sigma * torch.special.ndtri(a + torch.rand(n, dtype=torch.float64, device=device) * (b - a))
 
