@@ -349,6 +349,12 @@ def leaderboard():
     return "\n".join(text) + "\n"
 
 
+def main_group(groups, at):
+    """A method's leading configuration: the only one, else the one whose runs are not under variants/."""
+    return next((g for g in groups if not variant_name(g, at)), None) or next(
+        (g for g in groups if not any("variants" in r["rel"] for r in g)), groups[0])
+
+
 def findings():
     """What the leaderboard supports, per data set and step count, generated (no hand-quoted numbers): the best
     configuration at the standard budget, everything within 10% of it (about the evaluation noise), the best of
@@ -364,7 +370,7 @@ def findings():
                 at, _ = leaderboard_groups(dataset, distilled)
                 for m in dict.fromkeys(m for m, _ in at):
                     groups = [g for mm, g in at if mm == m]
-                    g = next((g for g in groups if not variant_name(g, at)), groups[0])
+                    g = main_group(groups, at)
                     v = [num(at_step(r, step).get(f"{metric}@{k}")) for r in g]
                     if v and None not in v:
                         vals.append((statistics.mean(v), m, distilled))
@@ -383,10 +389,10 @@ def findings():
 def standard_fid1(method):
     """The 1-step mnist fid at the standard budget (mean over seeds), or '— (ran N)'."""
     at, off = leaderboard_groups("mnist", method in DISTILLED)
-    groups = [g for m, g in at if m == method and not variant_name(g, at)] or [g for m, g in at if m == method]
+    groups = [g for m, g in at if m == method]
     if groups:
         step = STANDARD[("mnist", method in DISTILLED)][0]
-        return mean_spread([num(at_step(r, step).get("fid@1")) for r in groups[0]])
+        return mean_spread([num(at_step(r, step).get("fid@1")) for r in main_group(groups, at)])
     ran = [fmt(r["args"].get("steps")) for r, _ in off if r["method"] == method]
     return f"— (ran {ran[0]})" if ran else "—"
 
