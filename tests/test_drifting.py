@@ -191,3 +191,17 @@ def test_bad_flags_get_one_line(tmp_path):
         proc = run_inline(SCRIPT, *flags, "--out-dir", tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_label_dropout_forms_the_unconditional_group_in_the_loop(tmp_path, mnist_fid_ref):
+    # the loop drops labels to the null class before the loss: class groups become one unconditional group,
+    # so the same step with every label dropped logs another loss than with none dropped (and the same as
+    # the same run again: the difference is the grouping, not noise)
+    from conftest import run_here
+    flags = ["--dataset", "mnist", "--steps", 1, "--batch-size", 32, "--hidden", 16, "--depth", 1, "--heads", 2,
+             "--features", "pixels", "--eval-every", 100, "--eval-samples", 16, "--eval-steps", 1, "--log-every", 1, "--fid-ref", mnist_fid_ref]
+    loss = {}
+    for name, p in (("none", 0.0), ("all", 1.0), ("all again", 1.0)):  # --steps 1: the loss of step 1
+        g = run_here(SCRIPT, *flags, "--label-dropout", p, "--out-dir", tmp_path / name.replace(" ", "_"))
+        loss[name] = float(g["terms"]["loss"])
+    assert loss["all"] == loss["all again"] and abs(loss["all"] - loss["none"]) > 1e-6 * abs(loss["none"]), loss
