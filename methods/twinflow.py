@@ -40,6 +40,8 @@ x <- x - (t_k - t_{k+1}) u(x, t_k, t_{k+1}) (the official sampling_loop with sty
 Known properties: with --loss barron each row's gradient is normalized to about unit RMS (DMD-like), so
 L_rectify's weight is 1 / sqrt(mean(F_grad^2) + c^2), not 1; and the fake branch's per-row nonlinearity makes its
 minimizer the row-wise geometric median of e - x, v_q only for a symmetric posterior (l2: v_q exactly).
+With targets e - x from the posterior the exact map is a fixed point only unclamped: the per-element clamp of R
+(and Barron) is nonlinear in e - x and shifts the expected gradient (measured: tests/test_twinflow.py, the page).
 
 Run:        python methods/twinflow.py                  (2-D gmm)
             python methods/twinflow.py --dataset mnist --steps 5000 --batch-size 64 --hidden 128 --depth 4 --heads 4
