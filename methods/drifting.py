@@ -233,6 +233,11 @@ def drifting_loss(net, encoder, x, y, args):
     return loss, {"loss": loss.detach(), **terms}
 
 
+def drop_labels(y, null, args):
+    """Label dropout to the null class, each row with probability --label-dropout (dropped: the unconditional group)."""
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
+
+
 @torch.no_grad()
 def sample(net, e, y, steps):
     """The one-step sampler, x = G(e, y), for every step count (the generator has no time input to step)."""
@@ -318,7 +323,7 @@ if __name__ == "__main__":
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)  # dropped: the unconditional group
+            y = drop_labels(y, null, args)
             with no_sync([ddp_net], i < args.grad_accum - 1):
                 with amp:
                     loss, t_i = drifting_loss(ddp_net, encoder, x, y, args)

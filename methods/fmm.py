@@ -244,9 +244,10 @@ def fmm_terms(net, x_t, t, s, y):
 
 def fmm_loss(net, x, y, step, args):
     """FMM loss on a data batch x (the code's `lagrangian` plus seed 002's inverse term). Returns (loss, terms)."""
+    n, dims = x.shape[0], [1] * (x.dim() - 1)
     e = torch.randn_like(x)
-    t, s = sample_ts(len(x), step, args, x)
-    x_t = (1 - bc(t, x)) * x + bc(t, x) * e
+    t, s = sample_ts(n, step, args, x)
+    x_t = (1 - t.view(-1, *dims)) * x + t.view(-1, *dims) * e
     g, dg_da = fmm_terms(net, x_t, t, s, y)
     l_v = (dg_da - (e - x)).pow(2).flatten(1).sum(1)  # the conditional velocity: unbiased, dg_da depends on x_t only
     l_inv = (g - x_t).pow(2).flatten(1).sum(1)
@@ -269,6 +270,11 @@ def pfmm_loss(net, teacher, x, y, step, args):
     l = (f - target).pow(2).flatten(1).sum(1)
     loss = l.mean()
     return loss, {"loss": loss.detach(), "mse_f": l.detach().mean() / x[0].numel()}
+
+
+def drop_labels(y, null, args):
+    """Label dropout to the null class, each row with probability --label-dropout."""
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
 
 
 @torch.no_grad()
@@ -310,7 +316,7 @@ if __name__ == "__main__":
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     teacher = copy.deepcopy(net).requires_grad_(False).eval()  # PFMM: refreshed from the net every distill_steps steps
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
-    saved = {"net": net, "ema": ema, "opt": opt, **({"teacher": teacher} if args.progressive else {})}
+    saved = {"net": net, "ema": ema, "opt": opt, **({"teacher": teacher} if args.progressive else {})}  # what a checkpoint holds besides the data stream
     ddp_net = ddp(net, world)
     fmm_loss = compiled(fmm_loss, args)  # --compile (common/run.py)
 
@@ -358,7 +364,7 @@ if __name__ == "__main__":
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)
+            y = drop_labels(y, null, args)
             with no_sync([ddp_net], i < args.grad_accum - 1):
                 with amp:
                     loss, t_i = pfmm_loss(ddp_net, teacher, x, y, step, args) if distill else fmm_loss(ddp_net, x, y, step, args)

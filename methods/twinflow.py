@@ -298,6 +298,11 @@ def twinflow_loss(net, target_net, x, y, args, null):
                   "mse": mse[:b3].mean() if b3 > 0 else zero, "mse_adv": mse[b3:].mean() if b3 < n else zero}
 
 
+def drop_labels(y, null, args):
+    """Label dropout to the null class, each row with probability --label-dropout."""
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
+
+
 @torch.no_grad()
 def sample(net, e, y, steps):
     """K-step flow-map sampler: x <- x - (t_k - t_{k+1}) net(x, t_k, t_{k+1}, y)."""
@@ -306,8 +311,6 @@ def sample(net, e, y, steps):
     for k in range(steps):
         x = x - (ts[k] - ts[k + 1]) * net(x, ts[k].expand(len(x)), ts[k + 1].expand(len(x)), y)
     return x
-
-
 
 
 if __name__ == "__main__":
@@ -384,7 +387,7 @@ if __name__ == "__main__":
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)
+            y = drop_labels(y, null, args)
             with no_sync([ddp_net], i < args.grad_accum - 1):
                 with amp:
                     loss, t_i = twinflow_loss(ddp_net, ema_target, x, y, args, null)
