@@ -297,7 +297,7 @@ if __name__ == "__main__":
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k, args.t_max)
-    saved = {"net": net, "ema": ema, "opt": opt}
+    saved = {"net": net, "ema": ema, "opt": opt}  # what a checkpoint holds besides the data stream
     ddp_net = ddp(net, world)
     pid_loss = compiled(pid_loss, args)  # --compile (common/run.py)
 

@@ -34,8 +34,9 @@ restarts the EMA, our teacher file holds only the EMA weights, which the student
 `--teacher oracle` (the exact gmm velocity) it starts fresh. Deviations: the official pairs use scipy
 RK45 (rtol = atol = 1e-5) offline; here a fixed-step solver (default RK4, 8 steps = 32 teacher
 forwards per pair), online by default; random cached rows are drawn with replacement; the distillation
-loss is L2, not LPIPS; t ~ U(0, 1) instead of t_RF ~ U(1e-3, 1); k-step distillation (t on a k-point
-grid) is not offered. A reflow checkpoint cannot be the next teacher yet (common.dit.load_teacher takes
+loss is L2, not LPIPS; the squared error is summed over dimensions (fm.py's loss; the official reflow
+configs set reduce_mean = True: a mean); t ~ U(0, 1) instead of t_RF ~ U(1e-3, 1); k-step distillation
+(t on a k-point grid) is not offered. A reflow checkpoint cannot be the next teacher yet (common.dit.load_teacher takes
 fm checkpoints only), so 3-RF and distilling a 2-RF need that one-line change.
 
 Run:        python methods/reflow.py                        (gmm, teacher results/fm/gmm/model.safetensors, online pairs)
@@ -162,7 +163,7 @@ class Args:
     t_fixed: Optional[float] = None
     """train at this t only (1: the one-step distillation stage; official t_RF = 1e-3, i.e. t = 0.999); unset: --time-dist"""
     time_dist: str = "uniform"
-    """training t: uniform (the official reflow schedule) or logit-normal LN(time_mu, time_sigma)"""
+    """training t: logit-normal LN(time_mu, time_sigma) or uniform"""
     time_mu: float = 0.0
     """mean of the logit-normal"""
     time_sigma: float = 1.0
