@@ -207,7 +207,8 @@ def splitmeanflow_loss(net, target_net, teacher, x, y, null, args):
                            split_target(target_net, x_t[nb:], t[nb:], s[nb:], l[nb:], y[nb:])])
     err = ((net(x_t, t, s, y) - u_tgt) ** 2).flatten(1).sum(1)
     loss = err.mean()
-    return loss, {"loss": loss.detach(), "loss_boundary": err[:nb].mean().detach(), "loss_split": err[nb:].mean().detach()}
+    return loss, {"loss": loss.detach(), "loss_boundary": err[:nb].sum().detach() / max(nb, 1),
+                  "loss_split": err[nb:].sum().detach() / max(n - nb, 1)}  # a part can be empty (--boundary-p 0 or 1)
 
 
 @torch.no_grad()

@@ -70,6 +70,16 @@ def test_the_zero_field_solves_the_split_rows_alone():
     assert terms["loss_split"] == 0 and terms["loss_boundary"] > 0.5, terms
 
 
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_an_empty_part_logs_zero_not_nan(p):
+    # --boundary-p 0 or 1 leaves one part empty: its logged term is 0 (a NaN there stopped the run at step 0)
+    x, y = G.sample(8, torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    loss, terms = smf.splitmeanflow_loss(perturbed, perturbed, oracle, x, y, NULL, dataclasses.replace(smf.Args(), boundary_p=p))
+    assert all(torch.isfinite(v) for v in terms.values()), terms
+    assert terms["loss_split" if p == 1 else "loss_boundary"] == 0 and torch.isclose(terms["loss"], terms["loss_boundary" if p == 1 else "loss_split"])
+
+
 def test_one_forward_with_grad_boundary_rows_and_guided_teacher():
     calls, teacher_calls = [], []
     theta = torch.zeros((), requires_grad=True)
