@@ -150,7 +150,7 @@ class Args:
     teacher: str = "results/fm/{dataset}/model.safetensors"
     """fm checkpoint of the teacher ({dataset} is replaced), or `oracle` for the exact gmm velocity"""
     teacher_cfg: float = 1.0
-    """guidance w of the teacher, v_u + w (v_c - v_u), in both terms (1: none, so the target is the data law; official Wan: 5.0)"""
+    """guidance w of the teacher, v_u + w (v_c - v_u), in both terms (1: none, so the target is the data law; official Wan: 6.0, its v_c + 5 (v_c - v_u))"""
     cm_weight: float = 100.0
     """weight of the sCM consistency term (official loss_scale 100); 0: DMD alone (needs --tangent-warmup 0)"""
     dm_weight: float = 1.0
@@ -252,9 +252,10 @@ def cm_loss(net, teacher_v, x, y, r, args):
     t = sample_t(len(x), args.time_mu, args.time_sigma, x)
     x_t = (1 - bc(t, x)) * x + bc(t, x) * e
     u, g = cm_g(net, teacher_v, x_t, t, y, r)
-    g_norm = g.flatten(1).norm(dim=1)  # g carries no grad (cm_g)
-    w = 1 / (g_norm + args.norm_eps / ((1 - t) * rho(t)))  # = g_trig's official 1 / (||g_trig|| + c), converted
-    step = bc(w, g) * g
+    with torch.no_grad():
+        g_norm = g.flatten(1).norm(dim=1)
+        w = 1 / (g_norm + args.norm_eps / ((1 - t) * rho(t)))  # = g_trig's official 1 / (||g_trig|| + c), converted
+        step = bc(w, g) * g
     a = bc(rho(t), x) * u.to(x.dtype)  # F = (cos - sin) x_t + rho u: the part of F the net moves
     loss = ((a - (a.detach() - step)) ** 2).flatten(1).sum(1).mean()
     return loss, {"cm_loss": loss.detach(), "g_norm": g_norm.mean(), "w": (rho(t) * w).mean()}
@@ -395,8 +396,7 @@ if __name__ == "__main__":
         n_fake = after % args.backsim_steps + 1
         r = min(1.0, (step + 1) / args.tangent_warmup) if args.tangent_warmup else 1.0
         x, y = next(loader)  # this rank's share of the global batch
-        terms, gen_terms = [], []
-        zero = torch.zeros((), device=device)
+        terms, gen_terms, zero = [], [], torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

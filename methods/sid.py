@@ -34,8 +34,8 @@ Official values not defaulted here (the shared flags keep the project's CPU defa
 for both nets, lr 1e-5 (CIFAR-10, batch 256; ImageNet-64 4e-6, batch 8192), no gradient clipping
 (--adam-betas 0 0.999 --lr 1e-5 --grad-clip 0), init_sigma 2.5 (--gen-t 0.714), EMA half-life 0.5 Mimg
 (decay 0.99965 at batch 256); the EMA generator is evaluated and saved, as the official. Deviations, stated:
-the official sums over dimensions and scales by 100 / batch (loss_scaling_G); here a per-dimension mean (a
-constant factor: Adam ignores it, --grad-clip does not). The official drops NaN rows; here the NaN guard stops
+the official sums both losses over dimensions (batch means; the generator's x 100, loss_scaling_G); here per-dimension
+means (constant factors: Adam ignores them, --grad-clip does not). The official drops NaN rows; here the NaN guard stops
 the run. The generator's labels are the data's (official; --gen-labels random: DMD2's uniform classes);
 --label-dropout is unused. No CFG (official; --teacher-cfg as dmd2). The multi-step sampler is dmd2's chain
 (x0 = G, re-noised with fresh noise), which SiD does not train: read ed@K for K > 1.

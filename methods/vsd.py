@@ -7,7 +7,7 @@ al., ProlificDreamer, arXiv 2305.16213). Official code: github.com/pkulwj1994/di
 training/di_loss.py, training/di_training_loop.py, di_train.py read to check the generator loss, the
 fake loss, the time law, the update order, the optimizer and the generator input; nothing copied).
 
-Idea: the generator G is trained so that its samples, noised to x_t, see the same velocity under the
+Idea: a generator G is trained so that its samples, noised to x_t, see the same velocity under the
 frozen teacher ("real") as under a "fake" velocity net trained on the generator's own samples; the
 difference is the gradient of the integral KL (Diff-Instruct eq. 3.3). Notation of cleanflow (README,
 notation): denoiser-style generator G(x_t, t) = x_t - t net(x_t, t, t, y), one step G(t_g e, t_g),
@@ -154,7 +154,7 @@ class Args:
     teacher_cfg: float = 1.0
     """guidance w of the teacher, v_cfg = v_u + w (v_c - v_u) (1: none, so the target is the data law)"""
     ttur: int = 1
-    """fake-net updates per generator update (Diff-Instruct: 1)"""
+    """two time-scale update rule: fake-net updates per generator update (Diff-Instruct: 1)"""
     t_mu: float = -1.2
     """time law of both losses t ~ LN(t_mu, t_sigma) = sigmoid(N(t_mu, t_sigma^2)) (official: EDM's P_mean -1.2)"""
     t_sigma: float = 1.2
@@ -346,7 +346,7 @@ if __name__ == "__main__":
             g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         net.train()
         fake.train()
-        gen_turn = (step + 1) % args.ttur == 0  # --ttur fake updates per generator update (Diff-Instruct: 1)
+        gen_turn = (step + 1) % args.ttur == 0  # two time-scale update rule
         x, y = next(loader)  # this rank's share of the global batch
         terms, gen_terms = [], []
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
