@@ -409,3 +409,17 @@ def test_bad_flags(field, value, needle):
         rcm.check_args(dataclasses.replace(rcm.Args(), **{field: value}))
     assert needle in str(err.value) and "\n" not in str(err.value)
     rcm.check_args(dataclasses.replace(rcm.Args(), cm_weight=0.0, tangent_warmup=0))  # pure DMD is fine
+
+
+def test_guidance_is_v_u_plus_w_times_v_c_minus_v_u_and_the_official_5_is_our_6():
+    # the official teacher: F + w_off (F - F_uncond) = v_c + w_off (v_c - v_u) (NVlabs/rcm t2v_model_distill_rcm.py),
+    # i.e. our w = w_off + 1: Wan's teacher_guidance 5.0 is --teacher-cfg 6; w = 1 is the conditional velocity alone
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.full((6,), 0.4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    teacher = lambda z, t_, s_, y_: GMM.velocity(z, t_, y_)  # noqa: E731
+    v_c, v_u = GMM.velocity(x, t, y), GMM.velocity(x, t, torch.full_like(y, NULL))
+    assert not torch.allclose(v_c, v_u)
+    assert torch.allclose(rcm.guided(teacher, x, t, y, NULL, 6.0), v_c + 5.0 * (v_c - v_u))
+    assert torch.allclose(rcm.guided(teacher, x, t, y, NULL, 2.5), v_u + 2.5 * (v_c - v_u))
+    assert torch.equal(rcm.guided(teacher, x, t, y, NULL, 1.0), v_c)
