@@ -74,6 +74,7 @@ above.
 import contextlib
 import math
 import os
+import re
 import warnings
 from typing import Optional
 
@@ -730,6 +731,13 @@ def compile_ahead(kind, dtype, d, dot_prec, target, budget, t=None, inputs=None)
             options["num_warps"], options["num_stages"])
         out.append((fn.__name__, flags, t_used, kernel))
     return out
+
+
+def ptx_loads(ptx, dtype):
+    """(16-byte global loads incl. cp.async, scalar global loads of the element width) in a kernel's PTX."""
+    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)) + ptx.count("cp.async.cg")
+    width = 32 if dtype == torch.float32 else 16
+    return wide, len(re.findall(rf"ld\.global(?:\.(?:nc|ca|cg|cs|lu|L1::\w+|L2::\w+))*\.[bsuf]{width}\s", ptx))
 
 
 def _dot_prec(x, plan=None):

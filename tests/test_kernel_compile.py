@@ -19,7 +19,6 @@ the tightest fp32 fits; ATTN_COMPILE_ALL=1 checks every target x group x dtype x
 """
 import itertools
 import os
-import re
 import types
 
 import pytest
@@ -44,15 +43,6 @@ ALL = list(itertools.product(TARGETS, GROUPS, PRECS, (64, 72, 128)))
 CASES = ALL if os.environ.get("ATTN_COMPILE_ALL") == "1" else QUICK
 
 
-def load_counts(ptx, dtype):
-    """(16-byte global loads incl. cp.async, scalar global loads of the element width)."""
-    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)) + ptx.count("cp.async.cg")
-    width = 32 if dtype == torch.float32 else 16
-    scalar = len(re.findall(rf"ld\.global(?:\.(?:nc|ca|cg|cs|lu|L1::\w+|L2::\w+))*\.[bsuf]{width}\s",
-                            ptx))
-    return wide, scalar
-
-
 @pytest.mark.parametrize("arch,kind,prec,d", CASES, ids=lambda x: str(x))
 def test_launched_kernels_fit_and_vectorize(arch, kind, prec, d):
     from triton.backends.compiler import GPUTarget
@@ -67,7 +57,7 @@ def test_launched_kernels_fit_and_vectorize(arch, kind, prec, d):
         what = f"{name} {flags} tiles {t} on sm_{arch}"
         assert kernel.metadata.shared <= budget, (
             f"{what}: {kernel.metadata.shared:,} B of shared memory > {budget:,} B")
-        wide, scalar = load_counts(kernel.asm["ptx"], dtype)
+        wide, scalar = A.ptx_loads(kernel.asm["ptx"], dtype)
         assert wide > 0, f"{what}: no 16-byte global load"
         # fp32: a few scalar loads of the fp32 row statistics (lse, mu, Delta, Dt) remain
         assert scalar <= (16 if dtype == torch.float32 else 0), f"{what}: {scalar} scalar loads"

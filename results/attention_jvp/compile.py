@@ -1,7 +1,9 @@
 """Compiles every Triton kernel of kernels/attention_jvp.py ahead of time for sm_80 (A100) and
 sm_90 (H100), without a GPU, and writes compile.md next to this file: shared memory, registers and
 spill stack per thread (read from the cubin with the cuobjdump that ships with Triton) and the
-tiles chosen, per kernel x target x dtype x head dim. Nothing is run.
+tiles chosen, and the global loads in the PTX (16-byte loads incl. cp.async, scalar loads of the element
+width), per kernel x target x dtype x head dim, each compiled with the specialization a DiT call's launch
+gets (kernels.attention_jvp.compile_ahead: q/k/v views of one qkv tensor). Nothing is run.
 
     python results/attention_jvp/compile.py   # CPU time per group in the table
 
@@ -64,16 +66,18 @@ def rows(cases, t=None):
                                                    GPUTarget("cuda", arch, 32), budget, t):
             reg, stack = regs_and_stack(k)
             shared = k.metadata.shared
+            wide, scalar = A.ptx_loads(k.asm["ptx"], dtype)
             yield (variant(name, flags), tname, pname, d,
                    "{}x{} D{} w{} s{}".format(*tl_[:3], *tl_[4:]), f"{shared:,}",
-                   "yes" if shared <= budget else "**NO**", reg, stack,
-                   f"{cpu_seconds() - t0:.0f}")
+                   "yes" if shared <= budget else "**NO**", reg, stack, wide, scalar,
+                   "yes" if "cp.async" in k.asm["ptx"] else "no", f"{cpu_seconds() - t0:.0f}")
         print(tname, pname, d, kind, f"{cpu_seconds() - t0:.0f} s CPU", flush=True)
 
 
 def table(rows_):
     head = ("kernel", "target", "dtype", "head dim", "tiles (MxN, BLOCK_D, warps, stages)",
-            "shared B", "fits", "regs", "spill stack B", "compile CPU s (group, so far)")
+            "shared B", "fits", "regs", "spill stack B", "16-byte loads", "scalar loads", "cp.async",
+            "compile CPU s (group, so far)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows_]
 
@@ -82,9 +86,13 @@ def main():
     head = ["# Triton attention-JVP kernels compiled ahead of time without a GPU; not run", "",
             f"Triton {triton.__version__}, `python results/attention_jvp/compile.py`. "
             "Budgets: sm_80 (A100) 166,912 B, sm_90 (H100) 232,448 B of shared memory per block. "
-            "Registers and spill stack per thread from `cuobjdump -res-usage`. Head dims 72 and "
-            "128 compile to the same binary (BLOCK_D 128), so the second of them comes from "
-            "Triton's cache (compile time near 0), as does any case compiled before.", ""]
+            "Registers and spill stack per thread from `cuobjdump -res-usage`; global loads counted "
+            "in the PTX (16-byte loads including cp.async; scalar loads of the element width: fp32 "
+            "kernels keep a few for the row statistics). Every kernel is compiled with the "
+            "specialization its launch gets on a DiT block's call (q/k/v views of one qkv tensor, the "
+            "head dim a constant, strides divided by their power-of-2 factor; "
+            "`kernels.attention_jvp.compile_ahead`); a case compiled before comes from Triton's cache "
+            "(compile time near 0).", ""]
     old = (64, 32, 128, 128, 4, 3)  # previous tiles at head dim 72/128 (3 = Triton's default)
     before = [("sm_90", "fp32 tf32", 72, "jvp"), ("sm_90", "fp32 tf32", 72, "bwd_jvp"),
               ("sm_80", "fp32 tf32", 72, "bwd"), ("sm_80", "bf16", 72, "bwd_jvp")]
