@@ -287,6 +287,11 @@ def dmf_loss(net, logvar, x, y, args, null):
                   "lv_fm": lv[:n].mean(), "lv_mf": lv[n:].mean()}
 
 
+def drop_labels(y, null, args):
+    """Label dropout to the null class, each row with probability --label-dropout (official: random rows)."""
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
+
+
 @torch.no_grad()
 def sample(net, e, y, steps, shift=1.0):
     """K-step flow-map sampler: x <- x - (t_k - t_{k+1}) net(x, t_k, t_{k+1}, y) on linspace(1, 0, K + 1),
@@ -297,6 +302,7 @@ def sample(net, e, y, steps, shift=1.0):
     for k in range(steps):
         x = x - (ts[k] - ts[k + 1]) * net(x, ts[k].expand(len(x)), ts[k + 1].expand(len(x)), y)
     return x
+
 
 if __name__ == "__main__":
     args, overrides = parse_args(Args)  # with --resume, the run's args.json gives every flag not given
@@ -384,7 +390,7 @@ if __name__ == "__main__":
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)  # official: random rows
+            y = drop_labels(y, null, args)
             with no_sync([ddp_net, ddp_logvar], i < args.grad_accum - 1):
                 with amp:
                     loss, t_i = dmf_loss(ddp_net, ddp_logvar, x, y, args, null)

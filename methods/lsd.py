@@ -226,11 +226,11 @@ def self_distillation_loss(net, teacher, logvar, x, y, args):
     """Flow matching on the first rows, the self-distillation residual on the others, each row weighted by
     exp(-w) l + w (losses.py:36-59,380-424). `net`: the trained network (with grad); `teacher`: the same
     weights, called under no_grad (the loop passes the unwrapped net); `logvar`: w(t, s). Returns (loss, terms)."""
-    n, col = len(x), lambda a: a.view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+    n, dims = x.shape[0], [1] * (x.dim() - 1)
     m = min(n, max(1, int(n * args.diag_frac)))
     t, s = sample_times(n, m, x.device, x.dtype)
     e = torch.randn_like(x)
-    x_t = (1 - col(t)) * x + col(t) * e
+    x_t = (1 - t.view(-1, *dims)) * x + t.view(-1, *dims) * e
     l_fm = (net(x_t[:m], t[:m], t[:m], y[:m]) - (e - x)[:m]).pow(2).flatten(1).sum(1)  # dropout as the loop set it (on)
     if m < n:
         with eval_mode(net, teacher):
@@ -243,6 +243,11 @@ def self_distillation_loss(net, teacher, logvar, x, y, args):
     D, zero = x[0].numel(), l.new_zeros(())
     return loss, {"loss": loss.detach(), "mse_fm": l_fm.detach().mean() / D, "mse_sd": l_sd.detach().mean() / D if m < n else zero,
                   "logvar": w.detach().mean()}
+
+
+def drop_labels(y, null, args):
+    """Label dropout to the null class, each row with probability --label-dropout."""
+    return torch.where(torch.rand(len(y), device=y.device) < args.label_dropout, null, y)
 
 
 @torch.no_grad()
@@ -281,7 +286,7 @@ if __name__ == "__main__":
     net = make_net().to(device)
     net.grad_ckpt = args.grad_ckpt
     logvar = LogVar(args.logvar_freqs).to(device)  # the loss weight's w(t, s), trained with the net
-    ema = copy.deepcopy(net).requires_grad_(False).eval()  # sampling EMA (the teacher is the current net, not this)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
     params = [*net.parameters(), *logvar.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sample_fn = lambda e, y, k: sample(ema, e.to(device), y.to(device), k)
@@ -330,7 +335,7 @@ if __name__ == "__main__":
         for i, (x, y) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
             torch.manual_seed(micro_seed(args.seed, step, rank * args.grad_accum + i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(y), device=device) < args.label_dropout, null, y)
+            y = drop_labels(y, null, args)
             with no_sync([ddp_net, ddp_logvar], i < args.grad_accum - 1):
                 with amp:
                     loss, t_i = self_distillation_loss(ddp_net, net, ddp_logvar, x, y, args)  # teacher: the current weights

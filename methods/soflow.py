@@ -176,7 +176,7 @@ class Args:
     fd_r1: float = 0.002
     """the gap's r at the end of training (ImageNet 0.002, CIFAR-10 3.125e-4)"""
     norm_p: float = 1.0
-    """adaptive-weight power p (ImageNet 1.0, CIFAR-10 0.75)"""
+    """adaptive-weight power p (paper: 1.0 ImageNet, 0.75 CIFAR-10)"""
     norm_eps: float = 0.01
     """adaptive-weight constant eps, added to the MEAN over dims of the squared residual (ImageNet 0.01, CIFAR-10 1e-3)"""
     cfg_omega: float = 1.0
@@ -263,7 +263,8 @@ def mean_velocity_and_target(net, x_t, t, s, l, y, v_g, m, dropout):
     backward difference (u - u_l) / (t - l) of the CURRENT net, u_l = net(x_l, l, s, y) at x_l = x_t - (t - l) v_g
     under no_grad, in a forked RNG so the forward draws the same dropout masks; only rows m.. (s != t) need it (rows
     0..m-1 have s = t: their target is v_g), unless dropout asks for the whole batch's masks."""
-    j, amp = 0 if dropout > 0 else m, torch.is_autocast_enabled(x_t.device.type)
+    j = 0 if dropout > 0 else m
+    amp = torch.is_autocast_enabled(x_t.device.type)
     fork = lambda: torch.random.fork_rng([x_t.device] if x_t.is_cuda else []) if dropout > 0 else contextlib.nullcontext()  # noqa: E731
     u_tgt = v_g.clone()
     if j < len(x_t):  # under bf16 autocast both ends of the difference run in fp32 (in bf16 it is rounding: docstring)
