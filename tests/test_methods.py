@@ -401,3 +401,23 @@ def test_ci_runs_the_readme_test_command():
     block = readme.split("```bash\n")[1].split("```")[0].strip().splitlines()
     assert len(block) == 2 and "pytest" in block[1] and "methods/" in block[0]
     assert "n==1' README.md | sed -n 2p" in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+DROPS = [m for m in METHODS if "\ndef drop_labels(y, null, args):" in open(os.path.join(ROOT, "methods", f"{m}.py")).read()]
+
+
+@pytest.mark.parametrize("method", DROPS)
+def test_label_dropout_drops_at_its_rate_and_the_loop_uses_it(method):
+    # the per-row label dropout of the from-data files: a fraction --label-dropout of the rows go to the null class,
+    # the others keep their label, and the training loop calls it on every micro-batch
+    from conftest import load_method
+
+    m = load_method(method)
+    args, null = m.Args(), 10
+    assert args.label_dropout > 0
+    y = torch.arange(20000) % null
+    torch.manual_seed(0)
+    out = m.drop_labels(y, null, args)
+    dropped = out == null
+    assert abs(dropped.float().mean().item() - args.label_dropout) < 0.01 and torch.equal(out[~dropped], y[~dropped])
+    assert "y = drop_labels(y, null, args)" in open(os.path.join(ROOT, "methods", f"{method}.py")).read()
