@@ -41,7 +41,7 @@ the run. The generator's labels are the data's (official; --gen-labels random: D
 (x0 = G, re-noised with fresh noise), which SiD does not train: read ed@K for K > 1.
 
 Run:        python methods/sid.py                      (gmm, teacher results/fm/gmm/model.safetensors)
-            python methods/sid.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99
+            python methods/sid.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --ema-decay 0.99 --adam-betas 0 0.999 --grad-clip 0   (the reference run)
             python methods/sid.py --teacher oracle     (gmm with the exact velocity as teacher)
 Reference:  results/sid/<dataset>/ (teacher: results/fm/<dataset>/model.safetensors), curves in results/curves_mnist.png
 """
