@@ -347,9 +347,9 @@ def leaderboard():
                 "gamma > 0) leave the deterministic path from their second step on, by design: read their fm_err at 1 step "
                 "only, and ed at every step count.")
     text += ["", "On mnist trained from data, this net passes through a stage of blobs and fragments on its way to digits: every "
-             "from-data file, fm.py included, is at fid 200-900 and accuracy 0.1-0.2 at step 2500, and the ones that make digits "
+             "from-data file with an evaluation at step 2500, fm.py included, has accuracy 0.10-0.27 there (fid 115-910), and the ones that make digits "
              "get there between 2500 and 5000 (fm's own Euler sampler goes from fid 228 to 42 at 4 steps). A file still at that "
-             "stage at step 5000 (fid near 200, accuracy under 0.2) is slower on this budget, or broken: its page says what was "
+             "stage at step 5000 (fid near 200 or above, accuracy under 0.2) is slower on this budget, or broken: its page says what was "
              "measured to tell which (e.g. results/imm/README.md, results/lsd/velocity.md)."]
     return "\n".join(text) + "\n"
 
