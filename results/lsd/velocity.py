@@ -4,6 +4,7 @@ x <- x - (t_k - t_{k+1}) u(x, t_k, t_{k+1}), and Euler on the diagonal x <- x - 
 velocity the flow-matching rows train. fm.py's reference run is the yardstick for a velocity at this budget.
 
     OMP_NUM_THREADS=1 python results/lsd/velocity.py > results/lsd/velocity.md     (about 4 minutes per model on 1 CPU thread)
+    python results/lsd/velocity.py fmm/mnist          (only the rows of the models named: results/<name>/model.safetensors)
 """
 import os
 import sys
@@ -16,7 +17,7 @@ from common.data import make_loader  # noqa: E402
 from common.dit import load  # noqa: E402
 from common.eval import Evaluator  # noqa: E402
 
-MODELS = ["lsd/mnist", "esd/mnist", "fm/mnist"]
+MODELS = ["lsd/mnist", "esd/mnist", "fmm/mnist", "fm/mnist"]
 
 
 def sampler(net, diagonal):
@@ -32,11 +33,12 @@ def sampler(net, diagonal):
 
 if __name__ == "__main__":
     ev = Evaluator(make_loader("mnist", 64, 0), 2000, 0)
-    print("| model (EMA) | sampler | fid@1 | fid@4 | fid@16 | acc@4 | acc@16 |\n|---|---|---|---|---|---|---|")
-    for m in MODELS:
+    if len(sys.argv) == 1:
+        print("| model (EMA) | sampler | fid@1 | fid@4 | fid@16 | acc@4 | acc@16 |\n|---|---|---|---|---|---|---|")
+    for m in sys.argv[1:] or MODELS:
         net = load(os.path.join(R, m, "model.safetensors")).eval()
         for name, diagonal in (("flow map u(x, t_k, t_k+1)", False), ("Euler on the diagonal u(x, t_k, t_k)", True)):
-            if m.startswith("fm") and not diagonal:
+            if m.split("/")[0] == "fm" and not diagonal:
                 continue  # fm's net has one time: its map sampler is the Euler sampler
             r = ev(sampler(net, diagonal), (1, 4, 16))
             print(f"| results/{m} | {name} | {r['fid@1']:.1f} | {r['fid@4']:.1f} | {r['fid@16']:.1f} | {r['acc@4']:.3f} | {r['acc@16']:.3f} |", flush=True)
