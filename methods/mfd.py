@@ -47,7 +47,7 @@ and sampling: Euler on the student's velocity, x <- x - (t_k - t_{k+1}) net(x, t
 K = 1 is G(e, 1), larger K are DDIM-like steps of the denoiser G.
 
 Run:        python methods/mfd.py --teacher oracle                    (gmm, exact teacher)
-            python methods/mfd.py --dataset mnist --steps 1000 --batch-size 32 --lr 1e-4 --aux-lr 1e-4 --ema-decay 0.99 --ode-step 0.05
+            python methods/mfd.py --dataset mnist --steps 2000 --batch-size 64 --lr 1e-4 --aux-lr 1e-4 --ema-decay 0.99 --ode-step 0.05
 Paper / code defaults (SANA): lr 1e-4 (student and aux), batch 1 per GPU x 8, ode_step 0.02
 (0.03 text-to-image), CFG 4.5, AdamW wd 1e-4, grad clip 1. Reference: results/mfd/<dataset>/,
 results/mfd/step_ablation/ (ODE-step trend, paper Table 2), results/mfd/grad_variance/ (Fig. 2).
