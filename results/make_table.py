@@ -309,7 +309,8 @@ def early_stage_note():
             f"(fid {min(fid):.0f}-{max(fid):.0f}), and the ones that make digits get there between 2500 and 5000 (fm's own Euler "
             f"sampler at 4 steps: fid {fm.get(2500, float('nan')):.0f} at step 2500, {fm.get(5000, float('nan')):.0f} at 5000). A file "
             "still at that stage at step 5000 (fid near 200 or above, accuracy under 0.2) is slower on this budget, or broken: its page "
-            "says what was measured to tell which (e.g. results/imm/README.md, results/lsd/velocity.md).")
+            "says what was measured to tell which (imm and lsd, continued to step 10000, make digits: slower; esd plateaus: "
+            "results/imm/README.md, results/lsd/README.md, results/esd/README.md).")
 
 
 def leaderboard_section(dataset, distilled):
