@@ -39,7 +39,8 @@ def estimate(method, a):
     if method == "mfd":  # ratio x (student fwd + aux fwd/bwd) + student fwd/bwd + 2 rollouts of E[K] steps
         n = max(1, round(1 / a["ode_step"])) if a["ode_step"] < 1 else 1
         ek = (n + 1) * (2 * n + 1) / (6 * n)  # E[ceil(|t - r| / h)] for uniform t, r and h = 1 / n
-        return 4 * a["ratio"] + 3 + 2 * ek, f"4 x {a['ratio']} aux + 3 + 2 x E[K] {ek:.2f}"
+        r = a.get("aux_ratio", a.get("ratio"))  # --aux-ratio (the measure.sh runs predate the rename: ratio)
+        return 4 * r + 3 + 2 * ek, f"4 x {r} aux + 3 + 2 x E[K] {ek:.2f}"
     if method == "imf":  # target v_c, v_u: one no-grad fwd on a doubled batch; no-grad JVP on s != t rows; fwd/bwd 3
         # (--v-head adds only a second final layer on the same trunk: no extra pass)
         tgt = 2 if cond(a) else 1  # unconditional data: v_c only
